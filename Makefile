@@ -1,0 +1,43 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`  (both create .venv and install).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.accel-installed
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-fast bench weights clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+## generate 8 images with the embedded miniature pipeline into outputs/ and print their CLIP scores
+demo: setup
+	$(VENV)/bin/accel generate --num-images 8 --out outputs
+
+## the whole test suite (slow checks included)
+test: setup
+	$(PY) -m pytest -q -ra
+
+## the quick part of the suite
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+## regenerate docs/BENCHMARKS.md
+bench: setup
+	$(VENV)/bin/accel bench --out docs/BENCHMARKS.md
+
+## retrain the miniature world from scratch (about an hour on one CPU thread; resumable)
+weights: setup
+	$(PY) -m accel.miniature.train tokenizer
+	$(PY) -m accel.miniature.train vae
+	$(PY) -m accel.miniature.train clip
+	$(PY) -m accel.miniature.train unet
+	$(PY) -m accel.miniature.train export
+
+clean:
+	rm -rf outputs .pytest_cache

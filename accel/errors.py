@@ -1,0 +1,21 @@
+"""Errors accel raises for bad input. All derive from ``ValueError`` so callers may catch either."""
+
+
+class AccelError(ValueError):
+    """Base class of accel's input errors."""
+
+
+class UnsupportedModelError(AccelError, TypeError):
+    """The pipeline or model is not one accel can transform."""
+
+
+class CalibrationError(AccelError):
+    """A calibration artifact is missing, corrupted, or does not match the model / scheduler / steps."""
+
+
+class RecipeError(AccelError):
+    """A recipe file is malformed or names unknown transforms or parameters."""
+
+
+class TransformConflictError(AccelError):
+    """Two transforms cannot be applied together (or one is applied twice)."""

@@ -1,0 +1,104 @@
+"""Which UNet calls of a pipeline call are *full* (the whole UNet runs) and which reuse the cache.
+
+Pure functions of the number of calls ``N``. A schedule is a sorted list of full-call indices that always
+contains 0.
+
+* :func:`uniform`: every ``interval``-th call (DeepCache's ``cache_interval``).
+* :func:`quadratic`: DeepCache's non-uniform schedule, denser around a centre step.
+* :func:`dp_schedule`: CacheQuant's dynamic-programming schedule (DPS) on a feature-distance matrix.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def validate(schedule, n: int | None) -> list[int]:
+    s = sorted({int(i) for i in schedule})
+    if not s or s[0] != 0:
+        raise ValueError(f"a cache schedule must include call 0 (the first call has nothing cached): {s}")
+    if s[0] < 0 or (n is not None and s[-1] >= n):
+        raise ValueError(f"cache schedule {s} refers to call {s[-1]} but this pipeline call makes {n} UNet calls")
+    return s
+
+
+def uniform(n: int, interval: int) -> list[int]:
+    if interval < 1:
+        raise ValueError("interval must be >= 1")
+    return list(range(0, n, interval))
+
+
+def quadratic(n: int, interval: int, center: int = 15, power: float = 1.4) -> list[int]:
+    """DeepCache's non-uniform schedule: ``ceil(n / interval)`` full calls, spaced by a power law around
+    ``center`` (DeepCache's ``sample_from_quad_center`` with its defaults, reproduced literally: its
+    negative base to a fractional power is complex, and the cast keeps the real part)."""
+    import warnings
+
+    k = math.ceil(n / interval)
+    while power > 1:
+        x = np.linspace(complex(-center) ** (1 / power), (n - center) ** (1 / power), k + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            idx = [0] + [int(v) + center for v in np.unique(np.real(x ** power).astype(np.int32))[1:-1]]
+        if len(idx) == k:
+            return validate(idx, n)
+        power -= 0.02
+    raise ValueError(f"no quadratic schedule with {k} full calls out of {n}: use an interval schedule")
+
+
+def group_cost(F: np.ndarray | None = None, D: np.ndarray | None = None):
+    """``cost(j, n) = sum_{i=j}^{n-1} ||F_i - F_j||_1`` (CacheQuant eq. for D(j, n)) from a pairwise
+    distance matrix ``D[i, j] = ||F_i - F_j||_1`` (computed from features ``F`` if not given).
+    Returns an ``(N+1, N+1)`` array ``C`` with ``C[j, n]`` for ``j < n``."""
+    if D is None:
+        flat = F.reshape(F.shape[0], -1).astype(np.float64)
+        D = np.abs(flat[:, None, :] - flat[None, :, :]).sum(-1)
+    N = D.shape[0]
+    C = np.full((N + 1, N + 1), np.inf)
+    for j in range(N):
+        C[j, j + 1:] = np.cumsum(D[j:, j])
+    return C
+
+
+def dp_schedule(C: np.ndarray, k: int, min_len: int = 1, max_len: int | None = None) -> tuple[list[int], float]:
+    """Optimal ``k`` group starts minimising the total group cost (CacheQuant's DPS).
+
+    ``L[n, 1] = C[0, n]``; ``L[n, k] = min_j L[j, k-1] + C[j, n]``, groups of length in
+    ``[min_len, max_len]``. Returns ``(starts, total_cost)``; ``starts[0] == 0``.
+    """
+    N = C.shape[0] - 1
+    max_len = max_len or N
+    if not 1 <= k <= N:
+        raise ValueError(f"budget of {k} full calls must be in 1..{N}")
+    if k * min_len > N or k * max_len < N:
+        raise ValueError(f"{k} groups of length {min_len}..{max_len} cannot cover {N} calls")
+    L = np.full((k + 1, N + 1), np.inf)
+    arg = np.zeros((k + 1, N + 1), dtype=np.int64)
+    L[0, 0] = 0.0
+    for g in range(1, k + 1):
+        for n in range(1, N + 1):
+            lo, hi = max(0, n - max_len), n - min_len
+            if hi < lo:
+                continue
+            cand = L[g - 1, lo:hi + 1] + C[lo:hi + 1, n]
+            i = int(np.argmin(cand))
+            L[g, n], arg[g, n] = cand[i], lo + i
+    if not np.isfinite(L[k, N]):
+        raise ValueError("no feasible schedule")
+    starts, n = [], N
+    for g in range(k, 0, -1):
+        j = int(arg[g, n])
+        starts.append(j)
+        n = j
+    return sorted(starts), float(L[k, N])
+
+
+def paper_bounds(n: int, interval: int) -> tuple[int, int, int]:
+    """CacheQuant's budget and group-length bounds for a nominal interval: ``K = ceil(N/I)``,
+    lengths in ``[ceil(I/2), 2I]`` (clipped so a schedule exists)."""
+    k = math.ceil(n / interval)
+    lo, hi = math.ceil(interval / 2), 2 * interval
+    lo = min(lo, n // k)
+    hi = max(hi, math.ceil(n / k))
+    return k, lo, hi

@@ -1,0 +1,5 @@
+"""Transforms: one technique per module."""
+from .base import REGISTRY, Context, Transform, register
+from .cache import FeatureCache
+
+__all__ = ["Transform", "Context", "REGISTRY", "register", "FeatureCache"]

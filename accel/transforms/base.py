@@ -1,0 +1,72 @@
+"""What every transform is: a small config object that attaches hooks to a live UNet and removes them.
+
+A transform declares ``order`` (where it goes when several are applied together: structural changes
+such as module replacement first, step-level skipping last) and ``requires_pipeline`` (it needs the
+pipeline's scheduler to know where a pipeline call starts and how many UNet calls it makes).
+Parameters are dataclass fields; :meth:`to_dict` / :meth:`from_dict` are what recipes read and write.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import RecipeError
+
+REGISTRY: dict[str, type["Transform"]] = {}
+
+
+def register(cls):
+    REGISTRY[cls.__name__] = cls
+    return cls
+
+
+@dataclass
+class Context:
+    """What a transform gets when attached."""
+
+    unet: object
+    pipe: object | None
+    clock: object
+    calibration: object | None = None  # accel.calibration.Calibration, when one was given
+
+
+class Transform:
+    order: int = 50
+    requires_pipeline: bool = False
+
+    @property
+    def hook_name(self) -> str:
+        return f"accel.{type(self).__name__}"
+
+    def attach(self, ctx: Context) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def detach(self, ctx: Context) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        d = {"type": type(self).__name__}
+        for f in dataclasses.fields(self):
+            if f.name.startswith("_"):
+                continue
+            v = getattr(self, f.name)
+            if v is not None:
+                d[f.name] = list(v) if isinstance(v, tuple) else v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Transform":
+        d = dict(d)
+        kind = d.pop("type", None)
+        if kind not in REGISTRY:
+            raise RecipeError(f"unknown transform type {kind!r}; known: {', '.join(sorted(REGISTRY))}")
+        klass = REGISTRY[kind]
+        allowed = {f.name for f in dataclasses.fields(klass) if not f.name.startswith("_")}
+        unknown = set(d) - allowed
+        if unknown:
+            raise RecipeError(f"{kind}: unknown parameter(s) {', '.join(sorted(unknown))}; "
+                              f"allowed: {', '.join(sorted(allowed))}")
+        try:
+            return klass(**d)
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"{kind}: {e}") from None

@@ -1,0 +1,169 @@
+"""Generate images for a prompt list and score them, spread over processes with ``accelerate``.
+
+Work is cut into fixed batches of the *global* prompt list (image ``i`` always uses seed ``seed + i`` and
+always sits in batch ``i // batch_size``), and process ``p`` of ``n`` takes batches ``p, p+n, ...``; results
+are gathered on every process. So one process and ``accelerate launch --num_processes N`` produce the
+same images and the same scores for the same seeds.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class GenerationSettings:
+    steps: int = 50
+    guidance: float = 7.5
+    seed: int = 0
+    batch_size: int = 4
+    height: int | None = None
+    width: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def load_prompts(path: str | os.PathLike | None, num_images: int | None, seed: int = 0) -> list[str]:
+    """Prompts from a text file (one per line, blanks and ``#`` comments skipped), or the miniature
+    grammar's held-out captions when ``path`` is None; cycled/truncated to ``num_images``."""
+    if path is None:
+        from accel import miniature
+
+        return miniature.prompts(num_images or 16, seed=seed)
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt file not found: {p}")
+    prompts = [l.strip() for l in p.read_text().splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"no prompts in {p}")
+    if num_images is None:
+        return prompts
+    if num_images < 1:
+        raise ValueError("--num-images must be >= 1")
+    return [prompts[i % len(prompts)] for i in range(num_images)]
+
+
+def generate(pipe, prompts: list[str], settings: GenerationSettings, out_dir: str | os.PathLike | None = None,
+             progress: bool = True) -> list[dict]:
+    """Generate one image per prompt (image ``i`` with seed ``settings.seed + i``) on this process's share.
+
+    Returns one record per image of this process: ``index, prompt, seed, image (PIL), latents``.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    bs = settings.batch_size
+    batches = [list(range(i, min(i + bs, len(prompts)))) for i in range(0, len(prompts), bs)]
+    mine = batches[state.process_index::state.num_processes]
+    records = []
+    for idx in tqdm(mine, desc=f"generate[{state.process_index}]", disable=not progress):
+        gens = [torch.Generator("cpu").manual_seed(settings.seed + i) for i in idx]
+        kw = dict(num_inference_steps=settings.steps, guidance_scale=settings.guidance, generator=gens,
+                  output_type="latent", **settings.extra)
+        if settings.height:
+            kw.update(height=settings.height, width=settings.width or settings.height)
+        latents = pipe([prompts[i] for i in idx], **kw).images
+        if not torch.isfinite(latents).all():
+            raise FloatingPointError(f"non-finite latents for prompts {idx}: the pipeline produced NaN/inf")
+        images = decode(pipe, latents)
+        for j, i in enumerate(idx):
+            rec = {"index": i, "prompt": prompts[i], "seed": settings.seed + i, "image": images[j],
+                   "latents": latents[j].detach().float().cpu()}
+            if out_dir is not None:
+                Path(out_dir).mkdir(parents=True, exist_ok=True)
+                path = Path(out_dir) / f"{i:05d}.png"
+                images[j].save(path)
+                rec["path"] = str(path)
+            records.append(rec)
+    return records
+
+
+@torch.no_grad()
+def decode(pipe, latents: torch.Tensor):
+    """Latents -> PIL images with the pipeline's own VAE and image processor."""
+    vae = pipe.vae
+    x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(x, output_type="pil")
+
+
+def gather(records: list[dict]) -> list[dict]:
+    """All processes' records, sorted by index (every process gets the full list)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    if PartialState().num_processes > 1:
+        records = gather_object(records)
+    return sorted(records, key=lambda r: r["index"])
+
+
+def mean_and_sem(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for a single value)."""
+    if not values:
+        return float("nan"), float("nan")
+    m = statistics.fmean(values)
+    sem = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return m, sem
+
+
+def evaluate(pipe, prompts: list[str], settings: GenerationSettings, clip: str = "miniature",
+             out_dir=None, judge_attributes: bool | None = None, progress: bool = True) -> dict:
+    """Generate, score with CLIP (each process scores its own images), gather; the report as a dict."""
+    from accel.eval.clip_score import CLIPScorer
+
+    records = generate(pipe, prompts, settings, out_dir, progress)
+    scorer = CLIPScorer(clip)
+    if records:
+        scores = scorer.score([r["image"] for r in records], [r["prompt"] for r in records])
+        for r, s in zip(records, scores.tolist()):
+            r["clip_score"] = s
+    if judge_attributes is None:
+        judge_attributes = clip == "miniature"
+    if judge_attributes and records:
+        from accel.eval.judge import judge
+        from accel.miniature import parse_caption
+
+        try:
+            attrs = [parse_caption(r["prompt"]) for r in records]
+        except ValueError:
+            attrs = None
+        if attrs is not None:
+            verdict = judge(scorer, [r["image"] for r in records], attrs)
+            for r, ok in zip(records, verdict["per_image"]):
+                r["judged_correct"] = ok
+    records = gather([{k: v for k, v in r.items() if k != "image"} for r in records])
+    mean, sem = mean_and_sem([r["clip_score"] for r in records])
+    report = {
+        "clip_model": scorer.spec.label, "num_images": len(records), "num_unique_prompts": len(set(prompts)),
+        "seed": settings.seed, "steps": settings.steps, "guidance": settings.guidance,
+        "clip_score": mean, "clip_score_sem": sem,
+        "images": [{k: v for k, v in r.items() if k != "latents"} for r in records],
+    }
+    if records and "judged_correct" in records[0]:
+        report["judged_correct"] = sum(r["judged_correct"] for r in records) / len(records)
+    report["_latents"] = torch.stack([r["latents"] for r in records]) if records else None
+    return report
+
+
+def write_report(report: dict, path: str | os.PathLike):
+    """Write the JSON report atomically (latents are not part of it)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps({k: v for k, v in report.items() if not k.startswith("_")}, indent=1))
+    os.replace(tmp, p)
+
+
+def table(report: dict) -> str:
+    rows = [("CLIP model", report["clip_model"]), ("images", report["num_images"]),
+            ("seed / steps / cfg", f"{report['seed']} / {report['steps']} / {report['guidance']}"),
+            ("CLIP score", f"{report['clip_score']:.3f} ± {report['clip_score_sem']:.3f} (sem)")]
+    if "judged_correct" in report:
+        rows.append(("shape+colour right", f"{100 * report['judged_correct']:.1f}%"))
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

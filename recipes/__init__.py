@@ -1,0 +1,1 @@
+"""Named, versioned recipe files (TOML data). Loaded with ``accel.recipe.load(name)``."""
