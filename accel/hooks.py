@@ -13,7 +13,8 @@ use, so accel composes with them. This module adds only what diffusers lacks, th
   and diffusers resets stateful hooks at the end of every pipeline call (``maybe_free_model_hooks``).
   The count is therefore right with CFG (one batched call per step), keyword or positional timesteps,
   schedulers that call the UNet twice per step (Heun) or repeat a timestep (PNDM), img2img's
-  ``strength`` (fewer calls: ``len(timesteps) - begin_index``) and interrupted calls.
+  ``strength`` (fewer calls: the pipeline's ``_num_timesteps``, else ``len(timesteps) - begin_index``)
+  and interrupted calls.
 """
 from __future__ import annotations
 
@@ -93,13 +94,16 @@ class StepClock(ModelHook):
         return self._pipe() if self._pipe is not None else None
 
     def _scheduler_calls(self):
+        """(the scheduler's timesteps object, UNet calls of this pipeline call or None)."""
         pipe = self.pipe
         scheduler = getattr(pipe, "scheduler", None) if pipe is not None else None
         ts = getattr(scheduler, "timesteps", None)
         if ts is None:
             return None, None
-        begin = getattr(scheduler, "begin_index", None) or 0
-        return ts, len(ts) - begin
+        total = getattr(pipe, "_num_timesteps", None)  # diffusers pipelines set len(timesteps) before the loop
+        if not isinstance(total, int):
+            total = len(ts) - (getattr(scheduler, "begin_index", None) or 0)
+        return ts, total
 
     @torch.compiler.disable
     def tick(self, sample: torch.Tensor | None):
