@@ -35,6 +35,7 @@ bench: setup
 weights: setup
 	$(PY) -m accel.miniature.train tokenizer
 	$(PY) -m accel.miniature.train vae
+	$(PY) -m accel.miniature.train vae_decoder
 	$(PY) -m accel.miniature.train clip
 	$(PY) -m accel.miniature.train unet
 	$(PY) -m accel.miniature.train export

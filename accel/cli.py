@@ -67,9 +67,9 @@ def cmd_generate(args):
     pipe = load_model(args.model, args.device)
     _apply_recipe(pipe, args)
     report = runner.evaluate(pipe, prompts, _settings(args), clip=args.clip, out_dir=args.out)
-    from accelerate import PartialState
+    from accel.dist import state
 
-    if PartialState().is_main_process:
+    if state().is_main_process:
         runner.write_report(report, Path(args.out) / "report.json")
         for im in report["images"]:
             line = f"{im['path']}  clip={im['clip_score']:.2f}"
@@ -88,9 +88,9 @@ def cmd_eval(args):
     _apply_recipe(pipe, args)
     report = runner.evaluate(pipe, prompts, _settings(args), clip=args.clip,
                              out_dir=args.save_images, progress=not args.quiet)
-    from accelerate import PartialState
+    from accel.dist import state
 
-    if PartialState().is_main_process:
+    if state().is_main_process:
         report["prompts_file"] = str(args.prompts) if args.prompts else "miniature grammar (held-out stream)"
         report["model"] = args.model or "miniature"
         report["recipe"] = getattr(args, "recipe", None)

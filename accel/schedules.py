@@ -94,11 +94,9 @@ def dp_schedule(C: np.ndarray, k: int, min_len: int = 1, max_len: int | None = N
     return sorted(starts), float(L[k, N])
 
 
-def paper_bounds(n: int, interval: int) -> tuple[int, int, int]:
-    """CacheQuant's budget and group-length bounds for a nominal interval: ``K = ceil(N/I)``,
-    lengths in ``[ceil(I/2), 2I]`` (clipped so a schedule exists)."""
-    k = math.ceil(n / interval)
-    lo, hi = math.ceil(interval / 2), 2 * interval
-    lo = min(lo, n // k)
-    hi = max(hi, math.ceil(n / k))
-    return k, lo, hi
+def paper_bounds(n: int, k: int) -> tuple[int, int]:
+    """CacheQuant's group-length bounds for ``k`` full calls out of ``n``: with the nominal interval
+    ``I = n / k``, lengths in ``[ceil(I/2), floor(2I)]`` (widened just enough that a schedule exists)."""
+    interval = n / k
+    lo, hi = math.ceil(interval / 2), math.floor(2 * interval)
+    return min(lo, n // k), max(hi, math.ceil(n / k))

@@ -99,3 +99,22 @@ def cached_units(unet, branch: int) -> tuple[list[Unit], Unit]:
     if boundary is None:  # branch at the very bottom of the outermost block: the mid block feeds it
         boundary = next(u for u in units if u.path == "mid_block")
     return units, boundary
+
+
+def feature_of(output) -> torch.Tensor:
+    """The hidden-state tensor of a block's output (a tensor, a tuple whose first item it is, or a
+    diffusers ``BaseOutput`` such as ``Transformer2DModelOutput``)."""
+    if torch.is_tensor(output):
+        return output
+    if isinstance(output, tuple):
+        return output[0]
+    return output[0]  # BaseOutput supports indexing
+
+
+def with_feature(output, feature: torch.Tensor):
+    """``output`` with its hidden-state tensor replaced by ``feature`` (same container type)."""
+    if torch.is_tensor(output):
+        return feature
+    if isinstance(output, tuple):
+        return (feature,) + tuple(output[1:])
+    return type(output)(feature, *list(output.values())[1:])

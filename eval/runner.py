@@ -55,9 +55,9 @@ def generate(pipe, prompts: list[str], settings: GenerationSettings, out_dir: st
 
     Returns one record per image of this process: ``index, prompt, seed, image (PIL), latents``.
     """
-    from accelerate import PartialState
+    from accel.dist import state as dist_state
 
-    state = PartialState()
+    state = dist_state()
     bs = settings.batch_size
     batches = [list(range(i, min(i + bs, len(prompts)))) for i in range(0, len(prompts), bs)]
     mine = batches[state.process_index::state.num_processes]
@@ -94,12 +94,9 @@ def decode(pipe, latents: torch.Tensor):
 
 def gather(records: list[dict]) -> list[dict]:
     """All processes' records, sorted by index (every process gets the full list)."""
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
+    from accel.dist import gather as gather_all
 
-    if PartialState().num_processes > 1:
-        records = gather_object(records)
-    return sorted(records, key=lambda r: r["index"])
+    return sorted(gather_all(records), key=lambda r: r["index"])
 
 
 def mean_and_sem(values: list[float]) -> tuple[float, float]:

@@ -8,6 +8,7 @@ exactly the data an uninterrupted one would. Run on one CPU thread (``--threads`
 
     python -m accel.miniature.train tokenizer --out runs/miniature/tokenizer
     python -m accel.miniature.train vae  --out runs/miniature/vae
+    python -m accel.miniature.train vae_decoder   # decoder-only fine-tune (latent space unchanged)
     python -m accel.miniature.train clip --out runs/miniature/clip
     python -m accel.miniature.train unet --out runs/miniature/unet
     python -m accel.miniature.train export   # -> accel/miniature/weights/
@@ -159,6 +160,39 @@ def train_vae(cfg, out: Path):
     print(f"vae -> {out / 'final'} (scaling_factor {1 / std:.4f})")
 
 
+def train_vae_decoder(cfg, out: Path):
+    """Fine-tune only the VAE decoder (as SD's ft-MSE VAE did): the encoder, hence the latent space the
+    UNet is trained on, stays fixed, so this can run after or beside the UNet training."""
+    from diffusers import AutoencoderKL
+
+    _seed_all(cfg["seed"])
+    vae = AutoencoderKL.from_pretrained(cfg["vae"])
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    run = _Run(out, cfg, "vae_decoder")
+
+    def step_fn(step):
+        x = _batch(cfg, step)[0] * 2 - 1
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, x)
+        loss = mse + F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        return {"loss": loss.item(), "mse": mse.item()}
+
+    run.loop({"vae": vae, "opt": opt, "sched": sched}, step_fn)
+    vae.save_pretrained(out / "final")
+    print(f"vae (decoder fine-tuned) -> {out / 'final'}")
+
+
 def _register_clip(tokenizer_dir: Path):
     import open_clip
     from open_clip.factory import _MODEL_CONFIGS
@@ -265,7 +299,7 @@ def export(cfg, out: Path):
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(runs / "vae" / "final"),
+        vae=AutoencoderKL.from_pretrained(runs / "vae_decoder" / "final"),
         text_encoder=CLIPTextModel.from_pretrained(runs / "unet" / "final" / "text_encoder"),
         tokenizer=CLIPTokenizer.from_pretrained(runs / "tokenizer"),
         unet=UNet2DConditionModel.from_pretrained(runs / "unet" / "final" / "unet"),
@@ -288,7 +322,7 @@ def export(cfg, out: Path):
     print(f"exported -> {out} ({size / 2**20:.1f} MiB)")
 
 
-STAGES = {"tokenizer": train_tokenizer, "vae": train_vae, "clip": train_clip, "unet": train_unet, "export": export}
+STAGES = {"tokenizer": train_tokenizer, "vae": train_vae, "vae_decoder": train_vae_decoder, "clip": train_clip, "unet": train_unet, "export": export}
 
 
 def main(argv=None):

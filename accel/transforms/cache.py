@@ -18,8 +18,9 @@ import torch
 from diffusers.hooks import ModelHook
 
 from .. import schedules
+from ..errors import CalibrationError
 from ..hooks import attach, detach
-from ..unet import cached_units, num_branches
+from ..unet import cached_units, feature_of, num_branches, with_feature
 from .base import Context, Transform, register
 
 
@@ -37,7 +38,7 @@ class _ReuseHook(ModelHook):
             self.kept = self.fn_ref.original_forward(*args, **kwargs)
             return self.kept
         if self.boundary and self.owner._correction is not None:
-            return self.owner._correction(self.kept)
+            return with_feature(self.kept, self.owner._correction(feature_of(self.kept)))
         return self.kept
 
     def reset_state(self, module):
@@ -58,12 +59,15 @@ class FeatureCache(Transform):
         branch: DeepCache's ``cache_branch_id`` (0 = shallowest, fastest).
         correction: ``"dec"`` applies CacheQuant's per-channel cache-error correction from the
             calibration; ``None`` reuses features as they are.
+        budget: with ``schedule="calibrated"``, the number of full calls (default: the calibrated budget);
+            one calibration serves every budget.
     """
 
     interval: int | None = None
     schedule: list | str | None = None
     branch: int = 0
     correction: str | None = None
+    budget: int | None = None
     order = 80
     requires_pipeline = True
     _hooks: dict = field(default_factory=dict, init=False, repr=False)
@@ -80,6 +84,8 @@ class FeatureCache(Transform):
             raise ValueError(f"schedule={self.schedule!r} needs interval=N")
         if isinstance(self.schedule, (list, tuple)):
             self.schedule = schedules.validate(self.schedule, None)
+        if self.budget is not None and (self.schedule != "calibrated" or self.budget < 1):
+            raise ValueError("budget=K (K >= 1) goes with schedule='calibrated'")
         if self.correction not in (None, "dec"):
             raise ValueError(f"correction {self.correction!r}: use None or 'dec'")
         self._full, self._plan, self._correction, self._calib, self._dec = True, None, None, None, None
@@ -91,7 +97,7 @@ class FeatureCache(Transform):
         if isinstance(self.schedule, list):
             return schedules.validate(self.schedule, n)
         if self.schedule == "calibrated":
-            return self._calib.full_calls(n)
+            return self._calib.full_calls(n)  # checks n against the calibrated call count
         if n is None:
             if self.schedule == "quadratic":
                 raise ValueError("schedule='quadratic' needs the number of UNet calls: apply to the pipeline")
@@ -105,6 +111,14 @@ class FeatureCache(Transform):
             full = self.full_calls(clock.total)
             self._plan = set(full) if full is not None else None
             self._shape = clock.batch_shape
+            if self.correction == "dec":
+                self._calib.check_calls(clock.total)
+                key = tuple(full) if full is not None else None
+                if key not in self._dec_cache:
+                    if key is None:
+                        raise ValueError("correction='dec' needs the number of UNet calls: apply to the pipeline")
+                    self._dec_cache[key] = self._calib.dec(full)
+                self._dec = self._dec_cache[key]
         if self._plan is None:
             self._full = clock.step % self.interval == 0
         else:
@@ -121,14 +135,12 @@ class FeatureCache(Transform):
         n = num_branches(ctx.unet)
         if not 0 <= self.branch < n:
             raise ValueError(f"branch {self.branch} out of range 0..{n - 1} for this UNet")
-        self._dec = None
+        self._dec, self._dec_cache = None, {}
         if self.schedule == "calibrated" or self.correction == "dec":
             if ctx.calibration is None:
-                raise ValueError("FeatureCache(schedule='calibrated' or correction='dec') needs a calibration: "
-                                 "run `accel calibrate` and pass calibration=DIR")
-            self._calib = ctx.calibration.cache(self.branch)
-            if self.correction == "dec":
-                self._dec = self._calib.dec()
+                raise CalibrationError("FeatureCache(schedule='calibrated' or correction='dec') needs a "
+                                       "calibration: run `accel calibrate` and pass calibration=DIR")
+            self._calib = ctx.calibration.cache(self.branch, self.budget)
         units, boundary = cached_units(ctx.unet, self.branch)
         self._hooks = {}
         for u in units:

@@ -1,0 +1,403 @@
+"""``accel bench``: cost model, side-by-side wall-clock and quality, written to ``docs/BENCHMARKS.md``.
+
+Every number in the report is measured by this module in one run:
+- **cost**: exact FLOPs (``torch.utils.flop_counter.FlopCounterMode``: matmuls and convolutions) of a full
+  and of a cached UNet call per cache branch, and the FLOP-ideal speedup of a schedule
+  ``N * F_full / (K * F_full + (N - K) * F_cached)``; for the miniature and for the SD 1.5 *architecture*
+  (its standard UNet config with random weights: no download).
+- **speed**: wall-clock of pipeline calls (``output_type="latent"``: the UNet work) for the baseline, accel
+  and the DeepCache package at the same interval and branch, interleaved (A B C A B C ...) on the same
+  seeds; reported as ratios to the baseline of the same run and as measured / FLOP-ideal.
+- **quality** (miniature, trained weights): CLIP score (mean ± s.e.m. over prompts) and its delta to the
+  baseline, the attribute judge, PSNR / SSIM of the final images and MSE of the final latents against the
+  baseline on the same seeds.
+GPU figures are never produced here: there is no GPU on the machines this runs on.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# ----------------------------------------------------------------------------------- methods
+@dataclass
+class Method:
+    """A way of running a pipeline: ``setup(pipe)`` applies it and returns the function that undoes it."""
+
+    name: str
+    setup: Callable
+    full_calls: Callable | None = None  # n -> number of full calls (for the FLOP-ideal speedup)
+    branch: int = 0                     # cache branch whose cached-call FLOPs apply
+
+
+def baseline() -> Method:
+    return Method("baseline", lambda pipe: (lambda: None), lambda n: n)
+
+
+def accel_cache(interval: int, branch: int = 0, label: str | None = None, **kw) -> Method:
+    import accel
+
+    def setup(pipe):
+        return accel.apply(pipe, accel.FeatureCache(interval=interval, branch=branch, **kw)).remove
+
+    return Method(label or f"accel cache i{interval} b{branch}", setup, lambda n: len(range(0, n, interval)), branch)
+
+
+def deepcache(interval: int, branch: int = 0) -> Method:
+    """The DeepCache pip package's helper at the same settings (a baseline, not a dependency)."""
+
+    def setup(pipe):
+        from DeepCache import DeepCacheSDHelper
+
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=interval, cache_branch_id=branch)
+        helper.enable()
+        return helper.disable
+
+    return Method(f"DeepCache i{interval} b{branch}", setup, lambda n: len(range(0, n, interval)), branch)
+
+
+def have_deepcache() -> bool:
+    try:
+        import DeepCache  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+# ----------------------------------------------------------------------------------- models
+SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=32, act_fn="silu", center_input_sample=False, downsample_padding=1, flip_sin_to_cos=True,
+    freq_shift=0, mid_block_scale_factor=1,
+)
+
+
+def sd15_architecture_pipeline(seed: int = 0):
+    """A real ``StableDiffusionPipeline`` with SD 1.5's UNet (random weights, 860M parameters), a one-layer
+    768-wide CLIP text encoder, a tiny VAE (unused with ``output_type="latent"``) and SD's PNDM scheduler."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import tempfile
+
+    from accel.miniature.models import SCHEDULER_CONFIG, build_tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        tok = build_tokenizer(d)
+    torch.manual_seed(seed)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=768,
+                                        num_hidden_layers=1, num_attention_heads=12,
+                                        max_position_embeddings=tok.model_max_length,
+                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id))
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok,
+                                   unet=UNet2DConditionModel(**SD15_UNET).eval(),
+                                   scheduler=PNDMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ----------------------------------------------------------------------------------- cost
+class _PerCallFlops:
+    def __init__(self, unet):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.mode = FlopCounterMode(display=False)
+        self.calls: list[int] = []
+        self._start = 0
+        self._h = [unet.register_forward_pre_hook(self._pre), unet.register_forward_hook(self._post)]
+
+    def _pre(self, *_):
+        self._start = self.mode.get_total_flops()
+
+    def _post(self, *_):
+        self.calls.append(self.mode.get_total_flops() - self._start)
+
+    def close(self):
+        for h in self._h:
+            h.remove()
+
+
+def call_flops(pipe, branch: int | None, latent: int, prompt: str = "a red circle") -> tuple[int, int]:
+    """FLOPs of one full and one cached UNet call (CFG batch of 2) for ``branch`` (None: full only)."""
+    import accel
+    from diffusers import DDIMScheduler
+
+    old = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(old.config)
+    handle = accel.apply(pipe, accel.FeatureCache(schedule=[0], branch=branch)) if branch is not None else None
+    counter = _PerCallFlops(pipe.unet)
+    try:
+        with counter.mode, torch.no_grad():
+            pipe(prompt, num_inference_steps=2, output_type="latent",
+                 height=latent * 8, width=latent * 8, generator=torch.Generator().manual_seed(0))
+    finally:
+        counter.close()
+        if handle is not None:
+            handle.remove()
+        pipe.scheduler = old
+    return counter.calls[0], counter.calls[1]
+
+
+def ideal_speedup(n: int, k: int, full: float, cached: float) -> float:
+    return n * full / (k * full + (n - k) * cached)
+
+
+# ----------------------------------------------------------------------------------- speed
+def time_methods(pipe, methods: list[Method], steps: int, latent: int, repeats: int, prompt="a red circle",
+                 progress=True) -> dict[str, list[float]]:
+    """Interleaved wall-clock (seconds per pipeline call) of each method on the same seed."""
+    from tqdm.auto import tqdm
+
+    times = {m.name: [] for m in methods}
+    kw = dict(num_inference_steps=steps, output_type="latent", height=latent * 8, width=latent * 8)
+    with torch.no_grad():
+        pipe(prompt, **dict(kw, num_inference_steps=2), generator=torch.Generator().manual_seed(0))  # warm-up
+        bar = tqdm(total=repeats * len(methods), desc="timing", disable=not progress)
+        for _ in range(repeats):
+            for m in methods:
+                undo = m.setup(pipe)
+                try:
+                    t0 = time.perf_counter()
+                    pipe(prompt, **kw, generator=torch.Generator().manual_seed(0))
+                    times[m.name].append(time.perf_counter() - t0)
+                finally:
+                    undo()
+                bar.update(1)
+        bar.close()
+    return times
+
+
+def speed_table(pipe, methods, steps, latent, repeats, progress=True) -> tuple[str, dict]:
+    n_calls = _calls(pipe, steps)
+    full, _ = call_flops(pipe, None, latent)
+    times = time_methods(pipe, methods, steps, latent, repeats, progress=progress)
+    base = statistics.median(times["baseline"])
+    rows, data = [], {}
+    for m in methods:
+        med = statistics.median(times[m.name])
+        k = m.full_calls(n_calls)
+        ideal = 1.0
+        if k < n_calls:
+            cached = _cached_flops(pipe, latent, m.branch)
+            ideal = ideal_speedup(n_calls, k, full, cached)
+        speed = base / med
+        data[m.name] = dict(median_s=med, speedup=speed, ideal=ideal, runs=times[m.name])
+        rows.append(f"| {m.name} | {k}/{n_calls} | {med:.3f} | {speed:.2f}x | {ideal:.2f}x | {speed / ideal:.2f} |")
+    head = ("| method | full calls | median s/call | measured speedup | FLOP-ideal | measured/ideal |\n"
+            "|---|---|---|---|---|---|")
+    return head + "\n" + "\n".join(rows), data
+
+
+_CACHED_FLOPS: dict = {}
+
+
+def _cached_flops(pipe, latent, branch):
+    key = (id(pipe.unet), latent, branch)
+    if key not in _CACHED_FLOPS:
+        _CACHED_FLOPS[key] = call_flops(pipe, branch, latent)[1]
+    return _CACHED_FLOPS[key]
+
+
+def _calls(pipe, steps) -> int:
+    s = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    s.set_timesteps(steps)
+    return len(s.timesteps)
+
+
+def cost_table(pipe, latent, n_calls, intervals=(3, 5)) -> str:
+    full, _ = call_flops(pipe, None, latent)
+    from accel.unet import num_branches
+
+    rows = []
+    for b in range(num_branches(pipe.unet)):
+        cached = _cached_flops(pipe, latent, b)
+        ideals = " | ".join(f"{ideal_speedup(n_calls, len(range(0, n_calls, i)), full, cached):.2f}x" for i in intervals)
+        rows.append(f"| {b} | {cached / 1e9:.3f} | {100 * cached / full:.1f}% | {ideals} |")
+    head = (f"Full call: **{full / 1e9:.3f} GFLOP** (CFG batch 2, {latent}x{latent} latent). "
+            f"Ideal speedups for {n_calls} UNet calls.\n\n"
+            "| branch | cached call GFLOP | of full | " + " | ".join(f"ideal i{i}" for i in intervals) + " |\n"
+            "|---|---|---|" + "---|" * len(intervals))
+    return head + "\n" + "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------- quality
+def quality_rows(pipe, methods: list[Method], prompts: list[str], steps: int, clip="miniature", seed=0,
+                 progress=True) -> tuple[str, dict]:
+    from accel.eval import CLIPScorer, latent_mse, psnr, ssim
+    from accel.eval.judge import judge
+    from accel.eval.runner import GenerationSettings, generate, mean_and_sem
+    from accel.miniature import parse_caption
+
+    scorer = CLIPScorer(clip)
+    settings = GenerationSettings(steps=steps, seed=seed, batch_size=8)
+    attrs = [parse_caption(p) for p in prompts]
+    results, base = {}, None
+    for m in methods:
+        undo = m.setup(pipe)
+        try:
+            recs = generate(pipe, prompts, settings, progress=progress)
+        finally:
+            undo()
+        images = [r["image"] for r in recs]
+        lat = torch.stack([r["latents"] for r in recs])
+        scores = scorer.score(images, prompts).tolist()
+        res = dict(clip=mean_and_sem(scores), scores=scores, judged=judge(scorer, images, attrs)["all_accuracy"],
+                   images=images, latents=lat)
+        if base is None:
+            base = res
+        res["psnr"] = psnr(images, base["images"]).clamp(max=99).mean().item()
+        res["ssim"] = ssim(images, base["images"]).mean().item()
+        res["latent_mse"] = latent_mse(lat, base["latents"]).mean().item()
+        diffs = [a - b for a, b in zip(scores, base["scores"])]
+        res["delta"] = mean_and_sem(diffs)
+        results[m.name] = res
+    rows = []
+    for name, r in results.items():
+        rows.append(f"| {name} | {r['clip'][0]:.2f} ± {r['clip'][1]:.2f} | {r['delta'][0]:+.2f} ± {r['delta'][1]:.2f} | "
+                    f"{100 * r['judged']:.0f}% | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['latent_mse']:.4f} |")
+    head = ("| method | CLIP score | Δ CLIP vs baseline (paired) | shape+colour right | PSNR dB | SSIM | latent MSE |\n"
+            "|---|---|---|---|---|---|---|")
+    return head + "\n" + "\n".join(rows), results
+
+
+# ----------------------------------------------------------------------------------- compile
+def compile_graph_breaks(pipe, method: Method, steps=6) -> str:
+    """Run ``torch.compile(pipe.unet)`` with the method applied; count graph breaks and compare outputs."""
+    from torch._dynamo.utils import counters
+
+    import torch._dynamo
+
+    undo = method.setup(pipe)
+    try:
+        kw = dict(prompt="a red circle", num_inference_steps=steps, output_type="latent",
+                  generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            eager = pipe(**kw).images
+        unet = pipe.unet
+        torch._dynamo.reset()
+        counters.clear()
+        pipe.unet = torch.compile(unet)
+        try:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                comp = pipe(**dict(kw, generator=torch.Generator().manual_seed(0))).images
+            secs = time.perf_counter() - t0
+        finally:
+            pipe.unet = unet
+        breaks = sum(counters["graph_break"].values())
+        reasons = sorted(counters["graph_break"])[:3]
+        same = torch.allclose(comp, eager, rtol=1e-4, atol=1e-4)
+        err = (comp - eager).abs().max().item()
+    finally:
+        undo()
+    return (f"{method.name}: graph breaks **{breaks}**, unique graphs compiled "
+            f"{counters['stats'].get('unique_graphs', 'n/a')}, outputs equal to eager: **{same}** "
+            f"(max abs diff {err:.2e}); first call incl. compilation {secs:.1f} s."
+            + (f" Break reasons (first {len(reasons)}): " + "; ".join(r.replace("\n", " ")[:160] for r in reasons)
+               if reasons else ""))
+
+
+# ----------------------------------------------------------------------------------- report
+def machine_line() -> str:
+    import diffusers
+
+    return (f"{platform.machine()} {platform.processor() or ''} · torch {torch.__version__} "
+            f"({torch.get_num_threads()} thread) · diffusers {diffusers.__version__} · Python {platform.python_version()}"
+            " · no GPU")
+
+
+def run(args) -> str:
+    import accel
+    from accel import miniature
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    out = [f"# Benchmarks\n\nGenerated by `{args.command_line}` — do not edit by hand.\n",
+           f"Machine: {machine_line()}.\n",
+           "Speed figures are ratios measured in this one run (interleaved, same seeds, median of "
+           f"{args.repeats} runs each); GPU speed is not measured here (no GPU).\n"]
+    sections = set(args.sections.split(","))
+    dc = [deepcache(i, 0) for i in args.intervals] if have_deepcache() else []
+    ours = [accel_cache(i, 0) for i in args.intervals]
+    interleaved = [baseline()] + [m for pair in zip(ours, dc or [None] * len(ours)) for m in pair if m is not None]
+
+    mini = miniature.load_pipeline()
+    if "cost" in sections:
+        out.append("## Cost model (FLOPs)\n")
+        out.append(f"### Miniature (50 steps, PNDM: {_calls(mini, 50)} UNet calls)\n")
+        out.append(cost_table(mini, 8, _calls(mini, 50), args.intervals) + "\n")
+        if not args.quick:
+            sd = sd15_architecture_pipeline()
+            out.append(f"### SD 1.5 architecture ({args.sd_steps} steps, PNDM: {_calls(sd, args.sd_steps)} UNet calls, "
+                       f"{args.sd_latent}x{args.sd_latent} latent, random weights)\n")
+            out.append(cost_table(sd, args.sd_latent, _calls(sd, args.sd_steps), args.intervals) + "\n")
+    if "speed" in sections:
+        out.append("## Speed (wall-clock, one CPU thread)\n")
+        if not dc:
+            out.append("DeepCache is not installed (`pip install DeepCache`): its rows are missing.\n")
+        out.append(f"### Miniature, 50 steps\n")
+        table, _ = speed_table(mini, interleaved, 50, 8, args.repeats, progress=not args.quiet)
+        out.append(table + "\n")
+        if not args.quick:
+            sd = sd15_architecture_pipeline()
+            out.append(f"### SD 1.5 architecture, {args.sd_steps} steps, {args.sd_latent}x{args.sd_latent} latent\n")
+            table, _ = speed_table(sd, interleaved, args.sd_steps, args.sd_latent, args.repeats,
+                                   progress=not args.quiet)
+            out.append(table + "\n")
+            del sd
+    if "quality" in sections:
+        prompts = miniature.prompts(args.num_prompts, seed=args.seed)
+        out.append(f"## Quality on the miniature ({len(prompts)} held-out prompts, 50 steps, cfg 7.5, "
+                   f"seeds {args.seed}..{args.seed + len(prompts) - 1}, CLIP: miniature-clip)\n")
+        out.append("Δ CLIP is the mean paired difference to the baseline image of the same seed ± its s.e.m.; "
+                   "the baseline's own s.e.m. is the seed-to-seed standard error of its CLIP score.\n")
+        table, _ = quality_rows(mini, interleaved, prompts, 50, seed=args.seed, progress=not args.quiet)
+        out.append(table + "\n")
+    if "compile" in sections:
+        out.append("## torch.compile\n")
+        out.append(compile_graph_breaks(mini, accel_cache(3, 0)) + "\n")
+    return "\n".join(out)
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="cost model, speed and quality side by side -> docs/BENCHMARKS.md")
+    p.add_argument("--out", default="docs/BENCHMARKS.md")
+    p.add_argument("--sections", default="cost,speed,quality,compile")
+    p.add_argument("--intervals", type=lambda s: [int(x) for x in s.split(",")], default=[3, 5])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sd-steps", type=int, default=20)
+    p.add_argument("--sd-latent", type=int, default=32)
+    p.add_argument("--quick", action="store_true", help="miniature only (no SD 1.5 architecture)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=main_args)
+
+
+def main_args(args):
+    args.command_line = "accel bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "accel bench"
+    text = run(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    print(text)
+    print(f"\nwritten: {out}")

@@ -1,0 +1,187 @@
+"""The calibration artifact: a folder with ``accel.json`` and ``calibration.safetensors``.
+
+``accel.json`` says what the numbers are for (recipe, accel/diffusers/torch versions, model fingerprint,
+scheduler class and UNet calls per pipeline call, prompt source, seeds) and carries the SHA-256 of the
+tensor file. Loading uses JSON and safetensors only (never pickle) and raises :class:`CalibrationError`
+with what to do on a missing, truncated or corrupted file, NaN/inf values, another model, another
+scheduler, or another step count. Writing is atomic: a temporary folder renamed into place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import schedules
+from .errors import CalibrationError
+from .transforms.dec import CacheDEC, Moments, coefficients
+
+FORMAT = "accel-calibration"
+VERSION = 1
+META_FILE = "accel.json"
+TENSOR_FILE = "calibration.safetensors"
+
+
+def fingerprint(unet) -> str:
+    """A cheap, weight-sensitive identity of a UNet: its config plus, for every tensor, its name, shape and
+    the first and last 64 values (float64 sums would miss permutations; raw values do not)."""
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, t in unet.state_dict().items():
+            flat = t.detach().reshape(-1)
+            h.update(f"{name}{tuple(t.shape)}".encode())
+            if flat.numel():
+                h.update(torch.cat([flat[:64], flat[-64:]]).to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class CacheCalibration:
+    """The cache part of a calibration for one branch: distances (DP schedule) and moments (DEC)."""
+
+    def __init__(self, calib: "Calibration", branch: int, budget: int | None = None):
+        key = f"cache.b{branch}"
+        if f"{key}.distance" not in calib.tensors:
+            have = sorted({k.split(".")[1] for k in calib.tensors if k.startswith("cache.")})
+            raise CalibrationError(f"the calibration has no cache statistics for branch {branch} "
+                                   f"(it has: {', '.join(have) or 'none'}); recalibrate with --branch {branch}")
+        self.calib, self.branch = calib, branch
+        self.distance = calib.tensors[f"{key}.distance"].double()
+        self.moments = Moments(calib.tensors[f"{key}.mean"].double(), calib.tensors[f"{key}.sq"].double(),
+                               calib.tensors[f"{key}.cross"].double())
+        self.n = self.distance.shape[0]
+        cache_meta = calib.meta.get("cache", {})
+        self.budget = budget or cache_meta.get("budget")
+        self.constrained = cache_meta.get("constrained", True)
+
+    def check_calls(self, n: int | None):
+        if n is not None and n != self.n:
+            sched = self.calib.meta.get("scheduler", {})
+            raise CalibrationError(
+                f"this calibration was made for {self.n} UNet calls per pipeline call ({sched.get('steps')} steps "
+                f"of {sched.get('class')}) but this call makes {n}: recalibrate with `accel calibrate --steps ...` "
+                "for this step count")
+
+    def full_calls(self, n: int | None = None, budget: int | None = None) -> list[int]:
+        """The DP schedule (CacheQuant's DPS) for ``budget`` full calls (default: the calibrated one)."""
+        self.check_calls(n)
+        k = budget or self.budget
+        if not k:
+            raise CalibrationError("no budget: give FeatureCache(budget=K) or calibrate with --budget K")
+        C = schedules.group_cost(D=self.distance.numpy())
+        if self.constrained:
+            lo, hi = schedules.paper_bounds(self.n, k)
+        else:
+            lo, hi = 1, self.n
+        return schedules.dp_schedule(C, k, lo, hi)[0]
+
+    def dec(self, full_calls: list[int]) -> CacheDEC:
+        return CacheDEC(*coefficients(self.moments, full_calls))
+
+
+class Calibration:
+    """A loaded (or freshly computed) calibration: ``meta`` (the JSON) and ``tensors`` (name -> tensor)."""
+
+    def __init__(self, meta: dict, tensors: dict[str, torch.Tensor]):
+        self.meta, self.tensors = meta, tensors
+
+    def cache(self, branch: int, budget: int | None = None) -> CacheCalibration:
+        return CacheCalibration(self, branch, budget)
+
+    # -- writing -------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: everything goes to a temporary folder that replaces ``path`` at the end."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp / TENSOR_FILE)
+            meta = dict(self.meta, format=FORMAT, version=VERSION)
+            meta["files"] = {TENSOR_FILE: {"sha256": _sha256(tmp / TENSOR_FILE),
+                                           "bytes": (tmp / TENSOR_FILE).stat().st_size}}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.meta = meta
+        return path
+
+    # -- reading -------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike, unet=None, pipe=None) -> "Calibration":
+        """Load and check a calibration folder (against ``unet`` / ``pipe`` when given)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta_path, tensor_path = path / META_FILE, path / TENSOR_FILE
+        if not meta_path.is_file() or not tensor_path.is_file():
+            raise CalibrationError(f"{path} is not a calibration folder (needs {META_FILE} and {TENSOR_FILE}); "
+                                   "run `accel calibrate ... --out DIR`")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CalibrationError(f"{meta_path} is corrupted ({e}); recalibrate") from None
+        if meta.get("format") != FORMAT:
+            raise CalibrationError(f"{meta_path} is not an accel calibration")
+        if meta.get("version") != VERSION:
+            raise CalibrationError(f"{path}: calibration format version {meta.get('version')}, this accel reads "
+                                   f"{VERSION}; recalibrate")
+        expected = meta.get("files", {}).get(TENSOR_FILE, {})
+        size = tensor_path.stat().st_size
+        if expected.get("bytes") is not None and size != expected["bytes"]:
+            raise CalibrationError(f"{tensor_path} is truncated or corrupted ({size} bytes, expected "
+                                   f"{expected['bytes']}); recalibrate")
+        if expected.get("sha256") and _sha256(tensor_path) != expected["sha256"]:
+            raise CalibrationError(f"{tensor_path} does not match its checksum in {META_FILE}: corrupted; recalibrate")
+        try:
+            tensors = load_file(tensor_path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CalibrationError(f"{tensor_path} cannot be read ({e}); recalibrate") from None
+        for k, v in tensors.items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise CalibrationError(f"{tensor_path}: tensor {k!r} holds NaN or inf; recalibrate")
+        calib = cls(meta, tensors)
+        if unet is not None:
+            calib.check_model(unet)
+        if pipe is not None:
+            calib.check_scheduler(pipe.scheduler)
+        return calib
+
+    def check_model(self, unet):
+        want = self.meta.get("model", {}).get("fingerprint")
+        have = fingerprint(unet)
+        if want != have:
+            raise CalibrationError(
+                f"this calibration was made for another model (fingerprint {want}, this UNet {have}); "
+                "recalibrate for this model with `accel calibrate`")
+
+    def check_scheduler(self, scheduler):
+        want = self.meta.get("scheduler", {}).get("class")
+        if want and type(scheduler).__name__ != want:
+            raise CalibrationError(f"this calibration was made with {want}, the pipeline now uses "
+                                   f"{type(scheduler).__name__}: recalibrate with this scheduler")
