@@ -7,10 +7,19 @@
 """
 __version__ = "0.1.0"
 
+import os as _os
+import sys as _sys
+
+if "triton" not in _sys.modules and "TRITON_INTERPRET" not in _os.environ:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():  # Triton kernels can then only run in the interpreter
+        _os.environ["TRITON_INTERPRET"] = "1"
+
 from .api import AcceleratedPipeline, Handle, apply
 from .errors import AccelError, CalibrationError, RecipeError, TransformConflictError, UnsupportedModelError
 from .recipe import Recipe
-from .transforms import FeatureCache, Transform
+from .transforms import FeatureCache, Quantize, Transform
 
-__all__ = ["apply", "Handle", "AcceleratedPipeline", "Recipe", "Transform", "FeatureCache", "AccelError",
+__all__ = ["apply", "Handle", "AcceleratedPipeline", "Recipe", "Transform", "FeatureCache", "Quantize", "AccelError",
            "CalibrationError", "RecipeError", "TransformConflictError", "UnsupportedModelError", "__version__"]

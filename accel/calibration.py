@@ -93,6 +93,24 @@ class CacheCalibration:
         return CacheDEC(*coefficients(self.moments, full_calls))
 
 
+class QuantCalibration:
+    """The quantization part: per-layer, per-call activation scales and the quantization DEC."""
+
+    def __init__(self, calib: "Calibration"):
+        self.calib = calib
+
+    def scales(self, path: str, parts: int) -> torch.Tensor:
+        t = self.calib.tensors.get(f"quant.scale.{path}")
+        if t is None or t.shape[1] != parts:
+            raise CalibrationError(f"the calibration has no activation scales for layer {path!r}: it was made for "
+                                   "another model or quantization setting; recalibrate")
+        return t.float()
+
+    def dec(self, path: str):
+        a = self.calib.tensors.get(f"quant.dec_alpha.{path}")
+        return None if a is None else (a.float(), self.calib.tensors[f"quant.dec_beta.{path}"].float())
+
+
 class Calibration:
     """A loaded (or freshly computed) calibration: ``meta`` (the JSON) and ``tensors`` (name -> tensor)."""
 
@@ -101,6 +119,10 @@ class Calibration:
 
     def cache(self, branch: int, budget: int | None = None) -> CacheCalibration:
         return CacheCalibration(self, branch, budget)
+
+    def quant(self) -> QuantCalibration | None:
+        """The quantization statistics, or None if this calibration has none."""
+        return QuantCalibration(self) if any(k.startswith("quant.scale.") for k in self.tensors) else None
 
     # -- writing -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:

@@ -25,9 +25,20 @@ def choose(device: torch.device | str, backend: str | None = None) -> str:
 
 
 def triton_module():
-    """The Triton kernels; on a machine without CUDA the interpreter is switched on first."""
+    """The Triton kernels; on a machine without CUDA they run in Triton's interpreter, which must have been
+    switched on before triton was first imported (``import accel`` does it when it is first)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+        import triton.language as tl
+        from triton.runtime.jit import JITFunction
+
+        if isinstance(tl.zeros, JITFunction) and not hasattr(tl.zeros, "interpreted"):
+            from triton.runtime.interpreter import InterpretedFunction
+
+            if not isinstance(tl.zeros, InterpretedFunction):
+                raise RuntimeError("backend='triton' without a GPU needs Triton's interpreter, which must be on "
+                                   "before triton is imported: run with TRITON_INTERPRET=1 in the environment "
+                                   "(or import accel before torch/diffusers)")
     from . import triton_kernels
 
     return triton_kernels

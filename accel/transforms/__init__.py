@@ -3,3 +3,6 @@ from .base import REGISTRY, Context, Transform, register
 from .cache import FeatureCache
 
 __all__ = ["Transform", "Context", "REGISTRY", "register", "FeatureCache"]
+from .quantize import Quantize  # noqa: E402
+
+__all__ += ["Quantize"]
