@@ -94,49 +94,204 @@ def collect(pipe, prompts: list[str], steps: int, branch: int, seed: int = 0, gu
     return total, n_calls
 
 
+class _ActRecorder(ModelHook):
+    """Keeps, per UNet call and input part, the running absmax and a seeded random sample of a layer's input."""
+
+    def __init__(self, clock, split: int | None, per_call: int, gen: torch.Generator):
+        super().__init__()
+        self.clock, self.split, self.per_call, self.gen = clock, split, per_call, gen
+        self.absmax: dict[tuple[int, int], float] = {}
+        self.samples: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    def pre_forward(self, module, *args, **kwargs):
+        x = args[0].detach().float()
+        parts = [x] if self.split is None else [x[:, :self.split], x[:, self.split:]]
+        for i, xi in enumerate(parts):
+            key = (self.clock.step, i)
+            flat = xi.reshape(-1).cpu()
+            self.absmax[key] = max(self.absmax.get(key, 0.0), flat.abs().max().item())
+            idx = torch.randint(0, flat.numel(), (min(self.per_call, flat.numel()),), generator=self.gen)
+            self.samples.setdefault(key, []).append(flat[idx])
+        return args, kwargs
+
+
+class _DecRecorder(ModelHook):
+    """On a quantized layer: accumulates, per call and output channel, the moments that give the least-squares
+    fit ``Y_fp ~ alpha * Y_q + beta`` (the float layer run on the same input gives Y_fp)."""
+
+    def __init__(self, clock, float_module, n_calls: int):
+        super().__init__()
+        self.clock, self.float_module, self.n = clock, float_module, n_calls
+        self.stats = None
+
+    def new_forward(self, module, *args, **kwargs):
+        y_q = self.fn_ref.original_forward(*args, **kwargs)
+        y_fp = self.float_module(*args, **kwargs)
+        dims = [d for d in range(y_q.dim()) if d != 1]
+        yq, yf = y_q.detach().double(), y_fp.detach().double()
+        row = torch.stack([torch.full_like(yq.sum(dims), yq[0].numel() / yq.shape[1] * yq.shape[0]),
+                           yq.sum(dims), yf.sum(dims), (yq * yq).sum(dims), (yq * yf).sum(dims)])
+        if self.stats is None:
+            self.stats = torch.zeros(self.n, *row.shape, dtype=torch.float64)
+        self.stats[self.clock.step] += row.cpu()
+        return y_q
+
+    def coefficients(self):
+        n, sq, sf, sqq, sqf = self.stats.unbind(1)
+        n = n.clamp_min(1)
+        mq, mf = sq / n, sf / n
+        var = (sqq / n - mq ** 2).clamp_min(1e-12)
+        alpha = (sqf / n - mq * mf) / var
+        beta = mf - alpha * mq
+        seen = self.stats[:, 0].sum(-1) > 0
+        alpha[~seen], beta[~seen] = 1.0, 0.0
+        return alpha.float(), beta.float()
+
+
+def _run_batches(pipe, prompts, steps, seed, guidance, batch_size, desc, progress):
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
+        idx = list(range(i, min(i + batch_size, len(prompts))))
+        with torch.no_grad():
+            lat = pipe([prompts[j] for j in idx], num_inference_steps=steps, guidance_scale=guidance,
+                       generator=[torch.Generator("cpu").manual_seed(seed + j) for j in idx], output_type="latent").images
+        if not torch.isfinite(lat).all():
+            raise FloatingPointError("the pipeline produced NaN/inf during calibration")
+        yield i
+
+
+def collect_quant(pipe, quant, cache, calib: Calibration, prompts, steps, n_calls, seed=0, guidance=7.5,
+                  batch_size=4, progress=True, per_call: int = 1024) -> dict:
+    """Activation scales per layer and call (MSE search on sampled inputs, with the cache schedule active so
+    every call sees the inputs it will see at run time), then, if asked, the quantization DEC of the layers
+    that consume the cached feature. Returns the ``quant.*`` tensors."""
+    from .api import apply
+    from .transforms.quantize import QConv2d, _split_point, mse_scale
+
+    unet, _ = resolve(pipe)
+    layers = quant.selected(unet)
+    handle = apply(pipe, cache, calibration=calib) if cache is not None else None
+    clock = hooks.acquire_clock(unet, pipe)
+    gen = torch.Generator().manual_seed(seed)
+    recs = {}
+    try:
+        for path, m in layers:
+            split = _split_point(unet, path, m) if quant.split_shortcut and isinstance(m, torch.nn.Conv2d) else None
+            recs[path] = hooks.attach(m, _ActRecorder(clock, split, per_call, gen), REC_HOOK, root=unet)
+        for _ in _run_batches(pipe, prompts, steps, seed, guidance, batch_size, "calibrate scales", progress):
+            pass
+    finally:
+        for path, m in layers:
+            hooks.detach(m, REC_HOOK, root=unet)
+        hooks.release_clock(unet)
+        if handle is not None:
+            handle.remove()
+    tensors = {}
+    for path, rec in tqdm(recs.items(), desc="MSE scale search", disable=not progress):
+        parts = 1 + max((k[1] for k in rec.absmax), default=0)
+        table = torch.full((n_calls, parts), float("nan"))
+        for (step, i), amax in rec.absmax.items():
+            table[step, i] = mse_scale(torch.cat(rec.samples[(step, i)]), amax)
+        if torch.isnan(table).all():
+            raise RuntimeError(f"layer {path} never ran during calibration")
+        for i in range(parts):  # calls where the layer was skipped by the cache: the last scale it had
+            col = table[:, i]
+            last = col[~torch.isnan(col)][0]
+            for t in range(n_calls):
+                if torch.isnan(col[t]):
+                    col[t] = last
+                last = col[t]
+        tensors[f"quant.scale.{path}"] = table
+    if quant.correction == "dec" and cache is not None:
+        calib = Calibration(calib.meta, {**calib.tensors, **tensors})
+        q = type(quant)(**{**quant.to_dict_fields(), "correction": None, "mode": "static"})
+        handle = apply(pipe, [cache, q], calibration=calib)
+        clock = handle.clock
+        _, boundary = cached_units(unet, cache.branch)
+        consumers = _consumers(unet, cache.branch)
+        decs = {}
+        try:
+            for path in consumers:
+                qm = unet.get_submodule(path)
+                if isinstance(qm, QConv2d) or hasattr(qm, "weight_q0"):
+                    decs[path] = hooks.attach(qm, _DecRecorder(clock, q._originals[path], n_calls), REC_HOOK, root=unet)
+            for _ in _run_batches(pipe, prompts, steps, seed, guidance, batch_size, "calibrate quant DEC", progress):
+                pass
+        finally:
+            for path in decs:
+                hooks.detach(unet.get_submodule(path), REC_HOOK, root=unet)
+            handle.remove()
+        for path, rec in decs.items():
+            alpha, beta = rec.coefficients()
+            tensors[f"quant.dec_alpha.{path}"], tensors[f"quant.dec_beta.{path}"] = alpha, beta
+    return tensors
+
+
+def _consumers(unet, branch: int) -> list[str]:
+    """The layers that consume the cached feature: the convs of the first up-path resnet that runs on cached calls."""
+    from .unet import branch_location
+
+    B, L = branch_location(unet, branch)
+    ub = len(unet.up_blocks) - 1 - B
+    k = len(unet.up_blocks[ub].resnets) - 1 - L
+    res = unet.up_blocks[ub].resnets[k]
+    names = ["conv1"] + (["conv_shortcut"] if getattr(res, "conv_shortcut", None) is not None else [])
+    return [f"up_blocks.{ub}.resnets.{k}.{n}" for n in names]
+
+
 def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, steps: int = 50, budget: int = 10,
               seed: int = 0, guidance: float = 7.5, batch_size: int = 4, constrained: bool = True,
               prompt_source: str = "miniature grammar (train stream)", progress: bool = True) -> Calibration:
     """Calibrate ``pipe`` for ``recipe`` and return the :class:`Calibration` (``.save(DIR)`` writes it)."""
+    import diffusers
+
     from accel import miniature
+
+    from .transforms.quantize import Quantize
 
     t0 = time.time()
     r = load_recipe(recipe) if not hasattr(recipe, "transforms") else recipe
     caches = [t for t in r.transforms if isinstance(t, FeatureCache)]
-    if not caches:
-        raise ValueError(f"recipe {r.name!r} has nothing to calibrate (no FeatureCache)")
-    branch = caches[0].branch
+    quants = [t for t in r.transforms if isinstance(t, Quantize)]
+    if not caches and not quants:
+        raise ValueError(f"recipe {r.name!r} has nothing to calibrate (no FeatureCache or Quantize)")
     prompts = prompts if prompts is not None else miniature.prompts(8, seed=seed, split="train")
     unet, pipe = resolve(pipe)
     if pipe is None:
         raise ValueError("calibration needs the pipeline (it runs it), not a bare UNet")
     if steps < 2:
         raise ValueError("--steps must be >= 2")
+    meta = {
+        "recipe": {"name": r.name, "transforms": [t.to_dict() for t in r.transforms]},
+        "versions": {"accel": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
+        "model": {"class": type(unet).__name__, "fingerprint": fingerprint(unet)},
+        "prompts": {"source": prompt_source, "count": len(prompts)},
+        "generation": {"seed": seed, "guidance": guidance, "batch_size": batch_size},
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    cache = caches[0] if caches else None
+    branch = cache.branch if cache else 0
     stats, n = collect(pipe, prompts, steps, branch, seed, guidance, batch_size, progress)
-    count = stats["count"] * 1.0
-    m = Moments(stats["sum"] / count, stats["sumsq"] / count, stats["cross"] / count)
+    meta["scheduler"] = {"class": type(pipe.scheduler).__name__, "steps": steps, "unet_calls": n}
     if not 1 <= budget <= n:
         raise ValueError(f"--budget must be in 1..{n} (UNet calls per pipeline call)")
+    count = stats["count"] * 1.0
+    m = Moments(stats["sum"] / count, stats["sumsq"] / count, stats["cross"] / count)
     C = schedules.group_cost(D=stats["dist"].numpy())
     lo, hi = schedules.paper_bounds(n, budget) if constrained else (1, n)
     full, cost = schedules.dp_schedule(C, budget, lo, hi)
     a, b = coefficients(m, full)
     key = f"cache.b{branch}"
-    tensors = {f"{key}.distance": stats["dist"], f"{key}.mean": m.mean, f"{key}.sq": m.sq, f"{key}.cross": m.cross,
-               f"{key}.schedule": torch.tensor(full, dtype=torch.int64), f"{key}.dec_a": a, f"{key}.dec_b": b}
-    import diffusers
-
-    meta = {
-        "recipe": {"name": r.name, "transforms": [t.to_dict() for t in r.transforms]},
-        "versions": {"accel": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
-        "model": {"class": type(unet).__name__, "fingerprint": fingerprint(unet)},
-        "scheduler": {"class": type(pipe.scheduler).__name__, "steps": steps, "unet_calls": n},
-        "prompts": {"source": prompt_source, "count": len(prompts)},
-        "generation": {"seed": seed, "guidance": guidance, "batch_size": batch_size},
-        "cache": {"branch": branch, "budget": budget, "schedule": full, "constrained": constrained,
-                  "group_len": [lo, hi], "dp_cost": cost},
-        "seconds": round(time.time() - t0, 2),
-    }
+    tensors.update({f"{key}.distance": stats["dist"], f"{key}.mean": m.mean, f"{key}.sq": m.sq, f"{key}.cross": m.cross,
+                    f"{key}.schedule": torch.tensor(full, dtype=torch.int64), f"{key}.dec_a": a, f"{key}.dec_b": b})
+    meta["cache"] = {"branch": branch, "budget": budget, "schedule": full, "constrained": constrained,
+                     "group_len": [lo, hi], "dp_cost": cost}
+    if quants:
+        calib = Calibration(meta, tensors)
+        qt = collect_quant(pipe, quants[0], cache, calib, prompts, steps, n, seed, guidance, batch_size, progress)
+        tensors.update(qt)
+        meta["quant"] = {"layers": sum(k.startswith("quant.scale.") for k in qt),
+                         "dec_layers": sorted(k[len("quant.dec_alpha."):] for k in qt if k.startswith("quant.dec_alpha."))}
+    meta["seconds"] = round(time.time() - t0, 2)
     return Calibration(meta, tensors)
 
 

@@ -241,6 +241,11 @@ class Quantize(Transform):
         d.pop("filter_fn", None)
         return d
 
+    def to_dict_fields(self) -> dict:
+        """Constructor arguments (incl. ``filter_fn``) to build a copy."""
+        return {k: getattr(self, k) for k in ("weights", "activations", "weight_scheme", "mode", "backend",
+                                               "exclude", "split_shortcut", "clip_search", "correction", "filter_fn")}
+
     @property
     def weights_symmetric(self) -> bool:
         return self.weight_scheme == "symmetric"
