@@ -32,6 +32,8 @@ class GenerationSettings:
 def load_prompts(path: str | os.PathLike | None, num_images: int | None, seed: int = 0) -> list[str]:
     """Prompts from a text file (one per line, blanks and ``#`` comments skipped), or the miniature
     grammar's held-out captions when ``path`` is None; cycled/truncated to ``num_images``."""
+    if num_images is not None and num_images < 1:
+        raise ValueError("--num-images must be >= 1")
     if path is None:
         from accel import miniature
 
@@ -44,8 +46,6 @@ def load_prompts(path: str | os.PathLike | None, num_images: int | None, seed: i
         raise ValueError(f"no prompts in {p}")
     if num_images is None:
         return prompts
-    if num_images < 1:
-        raise ValueError("--num-images must be >= 1")
     return [prompts[i % len(prompts)] for i in range(num_images)]
 
 
