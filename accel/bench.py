@@ -51,6 +51,13 @@ def accel_cache(interval: int, branch: int = 0, label: str | None = None, **kw) 
     return Method(label or f"accel cache i{interval} b{branch}", setup, lambda n: len(range(0, n, interval)), branch)
 
 
+def with_calibration(name: str, transforms, calib, full_calls=None, branch: int = 0) -> Method:
+    """Any transform list applied with a calibration (DP schedules, DEC, static int8)."""
+    import accel
+
+    return Method(name, lambda pipe: accel.apply(pipe, transforms, calibration=calib).remove, full_calls, branch)
+
+
 def deepcache(interval: int, branch: int = 0) -> Method:
     """The DeepCache pip package's helper at the same settings (a baseline, not a dependency)."""
 
@@ -269,8 +276,10 @@ def quality_rows(pipe, methods: list[Method], prompts: list[str], steps: int, cl
         results[m.name] = res
     rows = []
     for name, r in results.items():
+        same = r is base
+        psnr_s = "—" if same else f"{r['psnr']:.2f}"
         rows.append(f"| {name} | {r['clip'][0]:.2f} ± {r['clip'][1]:.2f} | {r['delta'][0]:+.2f} ± {r['delta'][1]:.2f} | "
-                    f"{100 * r['judged']:.0f}% | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['latent_mse']:.4f} |")
+                    f"{100 * r['judged']:.0f}% | {psnr_s} | {r['ssim']:.3f} | {r['latent_mse']:.4f} |")
     head = ("| method | CLIP score | Δ CLIP vs baseline (paired) | shape+colour right | PSNR dB | SSIM | latent MSE |\n"
             "|---|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows), results
@@ -311,6 +320,37 @@ def compile_graph_breaks(pipe, method: Method, steps=6) -> str:
             f"(max abs diff {err:.2e}); first call incl. compilation {secs:.1f} s."
             + (f" Break reasons (first {len(reasons)}): " + "; ".join(r.replace("\n", " ")[:160] for r in reasons)
                if reasons else ""))
+
+
+# ----------------------------------------------------------------------------------- GPU
+def gpu_section() -> str:  # pragma: no cover - needs CUDA
+    """Kernel TFLOP/s of the W8A8 GEMM against fp16 ``torch.mm`` at SD-like shapes (CUDA only)."""
+    from accel import kernels
+
+    rows = []
+    for m, n, k in [(4096, 320, 320), (4096, 1280, 320), (1024, 640, 2560), (256, 1280, 5120)]:
+        a = torch.randint(-127, 127, (m, k), dtype=torch.int8, device="cuda")
+        w = torch.randint(-127, 127, (n, k), dtype=torch.int8, device="cuda")
+        sa, sw = torch.rand(m, device="cuda"), torch.rand(n, device="cuda")
+        af, wf = a.half(), w.half()
+
+        def bench(fn, reps=50):
+            fn()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / reps / 1e3
+
+        t8 = bench(lambda: kernels.w8a8_gemm(a, w, sa, sw, out_dtype=torch.float16))
+        t16 = bench(lambda: af @ wf.T)
+        fl = 2 * m * n * k
+        rows.append(f"| {m}x{n}x{k} | {fl / t8 / 1e12:.1f} | {fl / t16 / 1e12:.1f} | {t16 / t8:.2f}x |")
+    return ("| M x N x K | W8A8 Triton TFLOP/s | fp16 torch.mm TFLOP/s | ratio |\n|---|---|---|---|\n"
+            + "\n".join(rows) + f"\n\nDevice: {torch.cuda.get_device_name()}.\n")
 
 
 # ----------------------------------------------------------------------------------- report
@@ -361,14 +401,69 @@ def run(args) -> str:
                                    progress=not args.quiet)
             out.append(table + "\n")
             del sd
+    calib = None
+    if sections & {"quality", "quant"}:
+        from accel.calibrate import calibrate
+
+        budget10 = len(range(0, _calls(mini, 50), 5))
+        calib = calibrate(mini, "cachequant-w8a8", steps=50, budget=budget10, progress=not args.quiet)
+        out.append(f"## Calibration\n\n`calibrate(miniature, 'cachequant-w8a8', steps=50, budget={budget10})` on "
+                   f"{calib.meta['prompts']['count']} prompts (cache statistics, activation scales of "
+                   f"{calib.meta['quant']['layers']} layers, quantization DEC): **{calib.meta['seconds']:.1f} s** on one "
+                   "CPU thread. DP schedule at this budget: " + str(calib.meta["cache"]["schedule"]) + "\n")
     if "quality" in sections:
         prompts = miniature.prompts(args.num_prompts, seed=args.seed)
-        out.append(f"## Quality on the miniature ({len(prompts)} held-out prompts, 50 steps, cfg 7.5, "
-                   f"seeds {args.seed}..{args.seed + len(prompts) - 1}, CLIP: miniature-clip)\n")
+        n = _calls(mini, 50)
+        methods = [baseline()]
+        for i in (2, 3, 5, 7):
+            k = len(range(0, n, i))
+            methods += [accel_cache(i, 0, label=f"uniform i{i} ({k} full)")]
+            if dc:
+                methods += [deepcache(i, 0)]
+            methods += [with_calibration(f"DP ({k} full)", accel.FeatureCache(schedule="calibrated", budget=k), calib),
+                        with_calibration(f"DP + DEC ({k} full)", accel.FeatureCache(schedule="calibrated", budget=k,
+                                                                                     correction="dec"), calib)]
+        out.append(f"## Caching quality on the miniature ({len(prompts)} held-out prompts, 50 steps = {n} UNet calls "
+                   f"(PNDM), cfg 7.5, seeds {args.seed}..{args.seed + len(prompts) - 1}, CLIP: miniature-clip)\n")
         out.append("Δ CLIP is the mean paired difference to the baseline image of the same seed ± its s.e.m.; "
-                   "the baseline's own s.e.m. is the seed-to-seed standard error of its CLIP score.\n")
-        table, _ = quality_rows(mini, interleaved, prompts, 50, seed=args.seed, progress=not args.quiet)
+                   "the baseline's own ± is the seed-to-seed standard error of its CLIP score. Budgets are the "
+                   "uniform schedule's numbers of full calls at DeepCache intervals 2, 3, 5, 7.\n")
+        table, _ = quality_rows(mini, methods, prompts, 50, seed=args.seed, progress=not args.quiet)
         out.append(table + "\n")
+    if "quant" in sections:
+        from accel.transforms.quantize import weight_bytes
+
+        prompts = miniature.prompts(args.num_prompts, seed=args.seed)
+        k10 = calib.meta["cache"]["budget"]
+        methods = [baseline(),
+                   with_calibration("W8A8 (static, calibrated)", accel.Quantize(mode="static"), calib),
+                   with_calibration("W8A8 (dynamic)", accel.Quantize(mode="dynamic"), calib),
+                   with_calibration(f"naive: uniform i5 + W8A8, no DEC", [accel.FeatureCache(interval=5),
+                                                                         accel.Quantize(mode="static")], calib),
+                   with_calibration(f"cachequant-w8a8 ({k10} full)", "cachequant-w8a8", calib)]
+        out.append(f"## W8A8 on the miniature (same prompts and seeds; reference int8 backend on CPU)\n")
+        table, _ = quality_rows(mini, methods, prompts, 50, seed=args.seed, progress=not args.quiet)
+        out.append(table + "\n")
+        rows = []
+        models = [("miniature", mini)] + ([] if args.quick else [("SD 1.5 architecture", sd15_architecture_pipeline())])
+        for name, p in models:
+            before = weight_bytes(p.unet)
+            h = accel.apply(p.unet, accel.Quantize(mode="dynamic"))
+            after = weight_bytes(p.unet)
+            h.remove()
+            rows.append(f"| {name} | {before / 2**20:.1f} | {after / 2**20:.1f} | {before / after:.2f}x |")
+        out.append("### UNet weight bytes (fp32 parameters vs the quantized module's stored tensors: int8 weights, "
+                   "fp32 scales / zero points / biases, float norms)\n\n| model | fp32 MiB | W8A8 MiB | smaller |\n"
+                   "|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    if "gpu" in sections:
+        out.append("## GPU\n")
+        if torch.cuda.is_available():
+            out.append(gpu_section())
+        else:
+            out.append("Not run: this machine has no CUDA device. The Triton kernels were checked for exactness "
+                       "against the torch reference under `TRITON_INTERPRET=1` (tests/test_kernels.py); their speed "
+                       "(kernel vs fp16 `torch.mm` TFLOP/s, end-to-end) is measured only where a GPU exists. "
+                       "No GPU figure is reported here.\n")
     if "compile" in sections:
         out.append("## torch.compile\n")
         out.append(compile_graph_breaks(mini, accel_cache(3, 0)) + "\n")
@@ -378,7 +473,7 @@ def run(args) -> str:
 def add_parser(sub):
     p = sub.add_parser("bench", help="cost model, speed and quality side by side -> docs/BENCHMARKS.md")
     p.add_argument("--out", default="docs/BENCHMARKS.md")
-    p.add_argument("--sections", default="cost,speed,quality,compile")
+    p.add_argument("--sections", default="cost,speed,quality,quant,compile,gpu")
     p.add_argument("--intervals", type=lambda s: [int(x) for x in s.split(",")], default=[3, 5])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--num-prompts", type=int, default=32)

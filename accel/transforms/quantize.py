@@ -62,7 +62,7 @@ def quantize_weight(w: torch.Tensor, symmetric: bool = True, search: bool = True
             if z is not None:
                 best[2][better] = z[better]
     q, s, z = best
-    return q.to(torch.int8).reshape(w.shape), s.float(), (None if z is None else z.to(torch.int32))
+    return q.to(torch.int8).reshape(w.shape), s.float(), (None if z is None else z.to(torch.int8))
 
 
 def mse_scale(samples: torch.Tensor, absmax: float) -> float:
