@@ -161,15 +161,15 @@ def _run_batches(pipe, prompts, steps, seed, guidance, batch_size, desc, progres
 
 def collect_quant(pipe, quant, cache, calib: Calibration, prompts, steps, n_calls, seed=0, guidance=7.5,
                   batch_size=4, progress=True, per_call: int = 1024) -> dict:
-    """Activation scales per layer and call (MSE search on sampled inputs, with the cache schedule active so
-    every call sees the inputs it will see at run time), then, if asked, the quantization DEC of the layers
-    that consume the cached feature. Returns the ``quant.*`` tensors."""
+    """Activation scales per layer and call (MSE search on inputs sampled on the uncached float trajectory, so
+    every layer has a scale at every call and one calibration serves W8A8 with or without the cache), then,
+    if asked, the quantization DEC of the layers that consume the cached feature, measured with the cache
+    and the quantized model active. Returns the ``quant.*`` tensors."""
     from .api import apply
     from .transforms.quantize import QConv2d, _split_point, mse_scale
 
     unet, _ = resolve(pipe)
     layers = quant.selected(unet)
-    handle = apply(pipe, cache, calibration=calib) if cache is not None else None
     clock = hooks.acquire_clock(unet, pipe)
     gen = torch.Generator().manual_seed(seed)
     recs = {}
@@ -183,23 +183,14 @@ def collect_quant(pipe, quant, cache, calib: Calibration, prompts, steps, n_call
         for path, m in layers:
             hooks.detach(m, REC_HOOK, root=unet)
         hooks.release_clock(unet)
-        if handle is not None:
-            handle.remove()
     tensors = {}
     for path, rec in tqdm(recs.items(), desc="MSE scale search", disable=not progress):
         parts = 1 + max((k[1] for k in rec.absmax), default=0)
         table = torch.full((n_calls, parts), float("nan"))
         for (step, i), amax in rec.absmax.items():
             table[step, i] = mse_scale(torch.cat(rec.samples[(step, i)]), amax)
-        if torch.isnan(table).all():
-            raise RuntimeError(f"layer {path} never ran during calibration")
-        for i in range(parts):  # calls where the layer was skipped by the cache: the last scale it had
-            col = table[:, i]
-            last = col[~torch.isnan(col)][0]
-            for t in range(n_calls):
-                if torch.isnan(col[t]):
-                    col[t] = last
-                last = col[t]
+        if torch.isnan(table).any():
+            raise RuntimeError(f"layer {path} did not run at every UNet call during calibration")
         tensors[f"quant.scale.{path}"] = table
     if quant.correction == "dec" and cache is not None:
         calib = Calibration(calib.meta, {**calib.tensors, **tensors})
@@ -260,6 +251,8 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
         raise ValueError("calibration needs the pipeline (it runs it), not a bare UNet")
     if steps < 2:
         raise ValueError("--steps must be >= 2")
+    if budget < 1:
+        raise ValueError("--budget must be >= 1")
     meta = {
         "recipe": {"name": r.name, "transforms": [t.to_dict() for t in r.transforms]},
         "versions": {"accel": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},

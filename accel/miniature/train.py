@@ -271,7 +271,13 @@ def train_unet(cfg, out: Path):
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (lat.shape[0],))
         noisy = noise_sched.add_noise(lat, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=text(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        gamma = cfg.get("min_snr_gamma", 0)
+        if gamma:  # Min-SNR-gamma weighting (Hang et al. 2023) for epsilon prediction: min(SNR, gamma) / SNR
+            ac = noise_sched.alphas_cumprod[t]
+            snr = ac / (1 - ac)
+            per_sample = per_sample * snr.clamp(max=gamma) / snr
+        loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
