@@ -206,7 +206,7 @@ def speed_table(pipe, methods, steps, latent, repeats, progress=True) -> tuple[s
         speed = base / med
         data[m.name] = dict(median_s=med, speedup=speed, ideal=ideal, runs=times[m.name])
         rows.append(f"| {m.name} | {k}/{n_calls} | {med:.3f} | {speed:.2f}x | {ideal:.2f}x | {speed / ideal:.2f} |")
-    head = ("| method | full calls | median s/call | measured speedup | FLOP-ideal | measured/ideal |\n"
+    head = ("| method | full UNet calls | median s per pipeline call | measured speedup | FLOP-ideal | measured/ideal |\n"
             "|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows), data
 

@@ -133,12 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 
-    for name, mod in (("calibrate", "accel.calibrate"), ("bench", "accel.bench")):
-        try:
-            m = __import__(mod, fromlist=["add_parser"])
-        except ImportError:
-            continue
-        m.add_parser(sub)
+    from accel import bench, calibrate
+
+    calibrate.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 
@@ -148,9 +146,7 @@ def main(argv=None) -> int:
     _threads(getattr(args, "threads", 1))
     try:
         args.func(args)
-    except (UsageError, ValueError, FileNotFoundError, FloatingPointError, KeyError) as e:
-        from accel.errors import AccelError  # noqa: F401  (AccelError subclasses ValueError)
-
+    except (UsageError, ValueError, FileNotFoundError, FloatingPointError, KeyError) as e:  # AccelError is a ValueError
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"accel {args.command}: error: {msg}", file=sys.stderr)
         return 2

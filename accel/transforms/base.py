@@ -7,6 +7,7 @@ Parameters are dataclass fields; :meth:`to_dict` / :meth:`from_dict` are what re
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ class Context:
     calibration: object | None = None  # accel.calibration.Calibration, when one was given
 
 
-class Transform:
+class Transform(abc.ABC):
     order: int = 50
     requires_pipeline: bool = False
 
@@ -38,11 +39,13 @@ class Transform:
     def hook_name(self) -> str:
         return f"accel.{type(self).__name__}"
 
-    def attach(self, ctx: Context) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def attach(self, ctx: Context) -> None:
+        """Attach hooks / swap modules on ``ctx.unet``."""
 
-    def detach(self, ctx: Context) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def detach(self, ctx: Context) -> None:
+        """Undo :meth:`attach` exactly."""
 
     def to_dict(self) -> dict:
         d = {"type": type(self).__name__}
