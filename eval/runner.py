@@ -60,9 +60,10 @@ def generate(pipe, prompts: list[str], settings: GenerationSettings, out_dir: st
     state = dist_state()
     bs = settings.batch_size
     batches = [list(range(i, min(i + bs, len(prompts)))) for i in range(0, len(prompts), bs)]
-    mine = batches[state.process_index::state.num_processes]
+    mine = list(range(len(batches)))[state.process_index::state.num_processes]
     records = []
-    for idx in tqdm(mine, desc=f"generate[{state.process_index}]", disable=not progress):
+    for b in tqdm(mine, desc=f"generate[{state.process_index}]", disable=not progress):
+        idx = batches[b]
         gens = [torch.Generator("cpu").manual_seed(settings.seed + i) for i in idx]
         kw = dict(num_inference_steps=settings.steps, guidance_scale=settings.guidance, generator=gens,
                   output_type="latent", **settings.extra)
@@ -73,7 +74,7 @@ def generate(pipe, prompts: list[str], settings: GenerationSettings, out_dir: st
             raise FloatingPointError(f"non-finite latents for prompts {idx}: the pipeline produced NaN/inf")
         images = decode(pipe, latents)
         for j, i in enumerate(idx):
-            rec = {"index": i, "prompt": prompts[i], "seed": settings.seed + i, "image": images[j],
+            rec = {"index": i, "batch": b, "prompt": prompts[i], "seed": settings.seed + i, "image": images[j],
                    "latents": latents[j].detach().float().cpu()}
             if out_dir is not None:
                 Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -115,23 +116,28 @@ def evaluate(pipe, prompts: list[str], settings: GenerationSettings, clip: str =
 
     records = generate(pipe, prompts, settings, out_dir, progress)
     scorer = CLIPScorer(clip)
-    if records:
-        scores = scorer.score([r["image"] for r in records], [r["prompt"] for r in records])
-        for r, s in zip(records, scores.tolist()):
-            r["clip_score"] = s
     if judge_attributes is None:
         judge_attributes = clip == "miniature"
-    if judge_attributes and records:
-        from accel.eval.judge import judge
+    attrs = None
+    if judge_attributes:
         from accel.miniature import parse_caption
 
         try:
-            attrs = [parse_caption(r["prompt"]) for r in records]
+            attrs = {r["index"]: parse_caption(r["prompt"]) for r in records}
         except ValueError:
             attrs = None
+    # score in the generation batches: their composition does not depend on the number of processes,
+    # so neither do the (batched, floating-point) CLIP embeddings
+    for b in sorted({r["batch"] for r in records}):
+        group = [r for r in records if r["batch"] == b]
+        images = [r["image"] for r in group]
+        for r, s in zip(group, scorer.score(images, [r["prompt"] for r in group]).tolist()):
+            r["clip_score"] = s
         if attrs is not None:
-            verdict = judge(scorer, [r["image"] for r in records], attrs)
-            for r, ok in zip(records, verdict["per_image"]):
+            from accel.eval.judge import judge
+
+            verdict = judge(scorer, images, [attrs[r["index"]] for r in group])
+            for r, ok in zip(group, verdict["per_image"]):
                 r["judged_correct"] = ok
     records = gather([{k: v for k, v in r.items() if k != "image"} for r in records])
     mean, sem = mean_and_sem([r["clip_score"] for r in records])
