@@ -6,3 +6,6 @@ __all__ = ["Transform", "Context", "REGISTRY", "register", "FeatureCache"]
 from .quantize import Quantize  # noqa: E402
 
 __all__ += ["Quantize"]
+from .inherit import Inherit  # noqa: E402
+
+__all__ += ["Inherit"]

@@ -1,0 +1,149 @@
+"""Feature inheritance (A-SDM, tuning-free part): at chosen UNet calls a module does not run and returns what
+it produced the last time it ran (or, with ``residual=True``, its last residual ``output - input`` added to
+the current input).
+
+Granularity (our reading of the paper, PAPERS.md): ``block`` = a down/mid/up block, ``layer`` = one resnet or
+transformer model inside a block, ``unit`` = the self-attention (``attn1``), cross-attention (``attn2``) or
+feed-forward (``ff``) of a transformer block. Targets are module-path patterns (fnmatch), e.g. ``"mid_block"``,
+``"up_blocks.1.attentions.*"``, ``"*.attn2"``.
+
+Step-level sampling modes (the calls at which the targets *inherit*; call 0 always runs):
+``every=k`` (run on every k-th call, inherit in between), ``window=(start, end)`` (inherit for calls
+``start <= i < end``), ``steps=[...]`` (inherit at these calls).
+
+Composes with :class:`~accel.transforms.cache.FeatureCache` (a module inside the cached branch simply does not
+run on cached calls) and with :class:`~accel.transforms.quantize.Quantize`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.hooks import ModelHook
+
+from ..hooks import attach, detach
+from ..unet import feature_of, with_feature
+from .base import Context, Transform, register
+
+GRANULARITIES = {
+    "block": re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)$"),
+    "layer": re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(resnets|attentions)\.\d+$"),
+    "unit": re.compile(r"^.*\.transformer_blocks\.\d+\.(attn1|attn2|ff)$"),
+}
+
+
+def candidates(unet, granularity: str) -> dict[str, torch.nn.Module]:
+    rx = GRANULARITIES[granularity]
+    return {p: m for p, m in unet.named_modules() if rx.match(p)}
+
+
+class _InheritHook(ModelHook):
+    _is_stateful = True
+
+    def __init__(self, owner: "Inherit", path: str):
+        super().__init__()
+        self.owner, self.path, self.kept, self.template = owner, path, None, None
+
+    def new_forward(self, module, *args, **kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        if self.owner._inherit and self.kept is not None:
+            if self.owner.residual:
+                if self.kept.shape != x.shape:
+                    raise ValueError(f"Inherit(residual=True): {self.path} changes the feature's shape; "
+                                     "inherit its output instead (residual=False)")
+                return with_feature(self.template, x + self.kept)
+            return self.kept
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        if self.owner.residual:
+            feat = feature_of(out)
+            self.template = out
+            self.kept = feat - x if feat.shape == x.shape else feat.new_empty(0)
+        else:
+            self.kept = out
+        return out
+
+    def reset_state(self, module):
+        self.kept = self.template = None
+        return module
+
+
+@register
+@dataclass
+class Inherit(Transform):
+    """Skip modules at chosen calls by reusing their last output (A-SDM feature inheritance).
+
+    Args:
+        targets: module-path pattern(s) among the chosen granularity's modules.
+        granularity: ``"block"``, ``"layer"`` or ``"unit"``.
+        every / window / steps: the step-level sampling mode (exactly one).
+        residual: inherit ``output - input`` instead of the output.
+    """
+
+    targets: list | str = "mid_block"
+    granularity: str = "block"
+    every: int | None = None
+    window: list | None = None
+    steps: list | None = None
+    residual: bool = False
+    order = 70
+    requires_pipeline = True
+    _hooks: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity {self.granularity!r}: use one of {', '.join(GRANULARITIES)}")
+        modes = [m for m in ("every", "window", "steps") if getattr(self, m) is not None]
+        if len(modes) != 1:
+            raise ValueError("Inherit needs exactly one sampling mode: every=k, window=(start, end) or steps=[...]")
+        if self.every is not None and (not isinstance(self.every, int) or self.every < 2):
+            raise ValueError("every must be an integer >= 2")
+        if self.window is not None:
+            self.window = list(self.window)
+            if len(self.window) != 2 or not 0 <= self.window[0] < self.window[1]:
+                raise ValueError("window must be (start, end) with 0 <= start < end")
+        if self.steps is not None:
+            self.steps = sorted({int(s) for s in self.steps})
+        self._inherit, self._shape = False, None
+
+    def inherits_at(self, step: int) -> bool:
+        if step == 0:
+            return False
+        if self.every is not None:
+            return step % self.every != 0
+        if self.window is not None:
+            return self.window[0] <= step < self.window[1]
+        return step in self.steps
+
+    def _on_tick(self, clock):
+        if clock.step == 0:
+            self._shape = clock.batch_shape
+        self._inherit = self.inherits_at(clock.step) and clock.batch_shape == self._shape
+        if clock.batch_shape != self._shape:
+            self._shape = clock.batch_shape
+
+    def matched(self, unet) -> dict[str, torch.nn.Module]:
+        cands = candidates(unet, self.granularity)
+        hit = {p: m for p, m in cands.items() if any(fnmatch.fnmatch(p, t) for t in self.targets)}
+        if not hit:
+            examples = ", ".join(list(cands)[:4])
+            raise ValueError(f"Inherit targets {self.targets} match no {self.granularity}-level module of this UNet "
+                             f"(e.g. {examples})")
+        return hit
+
+    def attach(self, ctx: Context) -> None:
+        self._hooks = {}
+        for path, m in self.matched(ctx.unet).items():
+            attach(m, _InheritHook(self, path), self.hook_name, root=ctx.unet)
+            self._hooks[path] = m
+        self._inherit, self._shape = False, None
+        ctx.clock.add_listener(self.hook_name, self._on_tick)
+
+    def detach(self, ctx: Context) -> None:
+        ctx.clock.remove_listener(self.hook_name)
+        for m in self._hooks.values():
+            detach(m, self.hook_name, root=ctx.unet)
+        self._hooks = {}
