@@ -26,9 +26,9 @@ REC_HOOK = "accel.calibrate"
 
 
 class _Recorder(ModelHook):
-    def __init__(self, clock, sink: list):
+    def __init__(self, sink: list):
         super().__init__()
-        self.clock, self.sink = clock, sink
+        self.sink = sink
 
     def post_forward(self, module, output):
         self.sink.append(feature_of(output).detach().to("cpu", torch.float32))
@@ -50,6 +50,23 @@ def _batch_stats(feats: list[torch.Tensor]) -> dict:
     }
 
 
+def _batches(n: int, batch_size: int) -> list[list[int]]:
+    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+
+
+def _run_batches(pipe, prompts, steps, seed, guidance, batches, which, desc, progress):
+    """Run the pipeline (latents only) on the prompt batches ``which``; image i uses seed ``seed + i``.
+    Yields each batch index after its pipeline call."""
+    for bi in tqdm(which, desc=desc, disable=not progress):
+        idx = batches[bi]
+        with torch.no_grad():
+            lat = pipe([prompts[j] for j in idx], num_inference_steps=steps, guidance_scale=guidance,
+                       generator=[torch.Generator("cpu").manual_seed(seed + j) for j in idx], output_type="latent").images
+        if not torch.isfinite(lat).all():
+            raise FloatingPointError("the pipeline produced NaN/inf during calibration")
+        yield bi
+
+
 def collect(pipe, prompts: list[str], steps: int, branch: int, seed: int = 0, guidance: float = 7.5,
             batch_size: int = 4, progress: bool = True) -> tuple[dict, int]:
     """Run the uncached pipeline on ``prompts`` (image i with seed ``seed + i``) and return the summed
@@ -59,22 +76,14 @@ def collect(pipe, prompts: list[str], steps: int, branch: int, seed: int = 0, gu
     unet, pipe = resolve(pipe)
     state = dist_state()
     _, boundary = cached_units(unet, branch)
-    batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
+    batches = _batches(len(prompts), batch_size)
     mine = list(range(len(batches)))[state.process_index::state.num_processes]
-    clock = hooks.acquire_clock(unet, pipe)
     sink: list[torch.Tensor] = []
-    hooks.attach(boundary.module, _Recorder(clock, sink), REC_HOOK, root=unet)
+    hooks.attach(boundary.module, _Recorder(sink), REC_HOOK, root=unet)
     partials, n_calls = {}, None
     try:
-        for bi in tqdm(mine, desc=f"calibrate[{state.process_index}]", disable=not progress):
-            idx = batches[bi]
-            sink.clear()
-            with torch.no_grad():
-                lat = pipe([prompts[i] for i in idx], num_inference_steps=steps, guidance_scale=guidance,
-                           generator=[torch.Generator("cpu").manual_seed(seed + i) for i in idx],
-                           output_type="latent").images
-            if not torch.isfinite(lat).all():
-                raise FloatingPointError("the pipeline produced NaN/inf during calibration")
+        for bi in _run_batches(pipe, prompts, steps, seed, guidance, batches, mine,
+                               f"calibrate[{state.process_index}]", progress):
             if n_calls is not None and len(sink) != n_calls:
                 raise RuntimeError(f"UNet calls per pipeline call changed ({n_calls} -> {len(sink)})")
             n_calls = len(sink)
@@ -82,7 +91,6 @@ def collect(pipe, prompts: list[str], steps: int, branch: int, seed: int = 0, gu
             sink.clear()
     finally:
         hooks.detach(boundary.module, REC_HOOK, root=unet)
-        hooks.release_clock(unet)
     if state.num_processes > 1:
         partials = dict(gather([(bi, p) for bi, p in partials.items()]))
         n_calls = next(n for n in gather([n_calls]) if n is not None)
@@ -148,17 +156,6 @@ class _DecRecorder(ModelHook):
         return alpha.float(), beta.float()
 
 
-def _run_batches(pipe, prompts, steps, seed, guidance, batch_size, desc, progress):
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
-        idx = list(range(i, min(i + batch_size, len(prompts))))
-        with torch.no_grad():
-            lat = pipe([prompts[j] for j in idx], num_inference_steps=steps, guidance_scale=guidance,
-                       generator=[torch.Generator("cpu").manual_seed(seed + j) for j in idx], output_type="latent").images
-        if not torch.isfinite(lat).all():
-            raise FloatingPointError("the pipeline produced NaN/inf during calibration")
-        yield i
-
-
 def collect_quant(pipe, quant, cache, calib: Calibration, prompts, steps, n_calls, seed=0, guidance=7.5,
                   batch_size=4, progress=True, per_call: int = 1024) -> dict:
     """Activation scales per layer and call (MSE search on inputs sampled on the uncached float trajectory, so
@@ -177,7 +174,9 @@ def collect_quant(pipe, quant, cache, calib: Calibration, prompts, steps, n_call
         for path, m in layers:
             split = _split_point(unet, path, m) if quant.split_shortcut and isinstance(m, torch.nn.Conv2d) else None
             recs[path] = hooks.attach(m, _ActRecorder(clock, split, per_call, gen), REC_HOOK, root=unet)
-        for _ in _run_batches(pipe, prompts, steps, seed, guidance, batch_size, "calibrate scales", progress):
+        batches = _batches(len(prompts), batch_size)
+        for _ in _run_batches(pipe, prompts, steps, seed, guidance, batches, range(len(batches)),
+                              "calibrate scales", progress):
             pass
     finally:
         for path, m in layers:
@@ -205,7 +204,9 @@ def collect_quant(pipe, quant, cache, calib: Calibration, prompts, steps, n_call
                 qm = unet.get_submodule(path)
                 if isinstance(qm, QConv2d) or hasattr(qm, "weight_q0"):
                     decs[path] = hooks.attach(qm, _DecRecorder(clock, q._originals[path], n_calls), REC_HOOK, root=unet)
-            for _ in _run_batches(pipe, prompts, steps, seed, guidance, batch_size, "calibrate quant DEC", progress):
+            batches = _batches(len(prompts), batch_size)
+            for _ in _run_batches(pipe, prompts, steps, seed, guidance, batches, range(len(batches)),
+                                  "calibrate quant DEC", progress):
                 pass
         finally:
             for path in decs:
