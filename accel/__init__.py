@@ -19,7 +19,7 @@ if "triton" not in _sys.modules and "TRITON_INTERPRET" not in _os.environ:
 from .api import AcceleratedPipeline, Handle, apply
 from .errors import AccelError, CalibrationError, RecipeError, TransformConflictError, UnsupportedModelError
 from .recipe import Recipe
-from .transforms import FeatureCache, Inherit, Quantize, Transform
+from .transforms import FeatureCache, Inherit, Quantize, ScaleLong, Transform
 
-__all__ = ["apply", "Handle", "AcceleratedPipeline", "Recipe", "Transform", "FeatureCache", "Inherit", "Quantize", "AccelError",
+__all__ = ["apply", "Handle", "AcceleratedPipeline", "Recipe", "Transform", "FeatureCache", "Inherit", "Quantize", "ScaleLong", "AccelError",
            "CalibrationError", "RecipeError", "TransformConflictError", "UnsupportedModelError", "__version__"]

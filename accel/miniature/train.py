@@ -91,7 +91,7 @@ class _Run:
                 if not all(math.isfinite(v) for v in metrics.values()):
                     raise FloatingPointError(f"[{self.stage}] non-finite loss at step {step}: {metrics}")
                 log.write(json.dumps({"step": step, **metrics}) + "\n")
-                bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
+                bar.set_postfix({k: f"{v:.4f}" for k, v in list(metrics.items())[:2]})
                 bar.update(1)
                 if (step + 1) % self.cfg["save_every"] == 0 or step + 1 == steps:
                     self.save(state, step + 1)
@@ -100,8 +100,15 @@ class _Run:
 
 
 def _lr_lambda(cfg):
-    warm, steps = cfg.get("warmup", 100), cfg["steps"]
-    return lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.9 + 0.1)
+    """Linear warm-up, then cosine decay to 10% at ``steps``. With ``first_cycle = N`` the steps before N
+    follow a cosine that ends at N and the rest the cosine over ``steps``: exactly what a run trained to N
+    and then resumed with a larger ``steps`` did (a warm restart), so such a run reproduces from scratch."""
+    warm, steps, first = cfg.get("warmup", 100), cfg["steps"], cfg.get("first_cycle", 0)
+
+    def cosine(s, end):
+        return 0.5 * (1 + math.cos(math.pi * min(s, end) / end)) * 0.9 + 0.1
+
+    return lambda s: min(1.0, (s + 1) / warm) * cosine(s, first if s < first else steps)
 
 
 class EMA:
@@ -250,8 +257,13 @@ def train_unet(cfg, out: Path):
     text = CLIPTextModel(CLIPTextConfig(**models.text_config(
         len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)))
     unet = UNet2DConditionModel(**models.unet_config())
-    if cfg.get("scalelong", "none") != "none":
-        raise SystemExit("--scalelong needs the ScaleLong transform (issue 6)")
+    scalelong = None
+    if cfg.get("scalelong", "none") != "none" or cfg.get("log_skip_norms"):  # before the optimizer (LS modules)
+        from ..api import apply
+        from ..transforms.scalelong import ScaleLong
+
+        scalelong = ScaleLong(kind=cfg.get("scalelong", "none"), kappa=cfg.get("kappa", 0.8), record_norms=True)
+        apply(unet, scalelong)
     noise_sched = DDPMScheduler(**{k: v for k, v in models.SCHEDULER_CONFIG.items() if k not in ("skip_prk_steps", "set_alpha_to_one")})
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.01)
@@ -285,7 +297,10 @@ def train_unet(cfg, out: Path):
         sched.step()
         ema_unet.update(unet, step)
         ema_text.update(text, step)
-        return {"loss": loss.item(), "grad_norm": float(gnorm)}
+        metrics = {"loss": loss.item(), "grad_norm": float(gnorm)}
+        if scalelong is not None:  # mean L2 norm of each long skip (before scaling), skip_1 the outermost
+            metrics |= {f"skip_{i}": v for i, v in sorted(scalelong.norms.items())}
+        return metrics
 
     run.loop({"unet": unet, "text": text, "ema_unet": ema_unet, "ema_text": ema_text, "opt": opt,
               "sched": sched}, step_fn)
@@ -339,12 +354,16 @@ def main(argv=None):
                    "(default recipes/miniature/STAGE.toml)")
     p.add_argument("--out", type=Path, help="output folder (default runs/miniature/STAGE)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--scalelong", choices=["none", "cs", "ls", "sqrt2"],
+                   help="unet stage: scale the long skips (ScaleLong); 'none' logs nothing extra")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set steps=100")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     recipe = a.recipe or RECIPES / f"{a.stage}.toml"
     cfg = tomllib.loads(recipe.read_text()) if recipe.exists() else {}
+    if a.scalelong is not None:
+        cfg["scalelong"] = a.scalelong
     for kv in a.set:
         k, v = kv.split("=", 1)
         try:

@@ -9,3 +9,6 @@ __all__ += ["Quantize"]
 from .inherit import Inherit  # noqa: E402
 
 __all__ += ["Inherit"]
+from .scalelong import ScaleLong  # noqa: E402
+
+__all__ += ["ScaleLong"]
