@@ -20,19 +20,36 @@ from .calibration import Calibration, fingerprint
 from .recipe import load as load_recipe
 from .transforms.cache import FeatureCache
 from .transforms.dec import Moments, coefficients
+from .transforms.inherit import Inherit
 from .unet import cached_units, feature_of, resolve
 
 REC_HOOK = "accel.calibrate"
+INHERIT_ELEMENTS = 16384  # elements per feature kept (a fixed random subset) for inheritance distances
 
 
 class _Recorder(ModelHook):
-    def __init__(self, sink: list):
-        super().__init__()
-        self.sink = sink
+    """Appends a module's output feature (or, with ``residual``, output minus input) at every call."""
 
-    def post_forward(self, module, output):
-        self.sink.append(feature_of(output).detach().to("cpu", torch.float32))
-        return output
+    def __init__(self, sink: list, residual: bool = False, keep: int | None = None):
+        super().__init__()
+        self.sink, self.residual, self.keep, self.idx = sink, residual, keep, None
+
+    def new_forward(self, module, *args, **kwargs):
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        f = feature_of(out).detach()
+        if self.residual:
+            x = args[0] if args else kwargs.get("hidden_states")
+            if x is not None and x.shape == f.shape:
+                f = f - x.detach()
+        f = f.to("cpu", torch.float32)
+        if self.keep is not None:  # a fixed, seeded subset of the elements bounds memory for large features
+            flat = f.reshape(-1)
+            if self.idx is None or self.idx.numel() > flat.numel():
+                g = torch.Generator().manual_seed(0)
+                self.idx = torch.randperm(flat.numel(), generator=g)[:self.keep]
+            f = flat[self.idx]
+        self.sink.append(f)
+        return out
 
 
 def _batch_stats(feats: list[torch.Tensor]) -> dict:
@@ -40,14 +57,18 @@ def _batch_stats(feats: list[torch.Tensor]) -> dict:
     F = torch.stack(feats)  # (N, B, C, H, W)
     n, b, c, h, w = F.shape
     per_c = F.permute(2, 0, 1, 3, 4).reshape(c, n, b * h * w)  # (C, N, M)
-    flat = F.reshape(n, -1)
-    return {
+    return _dist_stats(feats) | {
         "sum": per_c.double().sum(-1).T.contiguous(),                            # (N, C)
         "sumsq": (per_c.double() ** 2).sum(-1).T.contiguous(),                   # (N, C)
         "cross": torch.bmm(per_c.double(), per_c.double().transpose(1, 2)).permute(1, 2, 0).contiguous(),  # (N, N, C)
-        "dist": torch.cdist(flat.double()[None], flat.double()[None], p=1)[0],   # (N, N) L1
         "count": b * h * w,
     }
+
+
+def _dist_stats(feats: list[torch.Tensor]) -> dict:
+    """The pairwise L1 distances ``||F_i - F_j||_1`` between the calls' features."""
+    flat = torch.stack(feats).reshape(len(feats), -1).double()
+    return {"dist": torch.cdist(flat[None], flat[None], p=1)[0]}  # (N, N)
 
 
 def _batches(n: int, batch_size: int) -> list[list[int]]:
@@ -67,39 +88,45 @@ def _run_batches(pipe, prompts, steps, seed, guidance, batches, which, desc, pro
         yield bi
 
 
-def collect(pipe, prompts: list[str], steps: int, branch: int, seed: int = 0, guidance: float = 7.5,
-            batch_size: int = 4, progress: bool = True) -> tuple[dict, int]:
-    """Run the uncached pipeline on ``prompts`` (image i with seed ``seed + i``) and return the summed
-    statistics of the branch's deep feature and the number of UNet calls per pipeline call."""
+def collect_features(pipe, modules: dict, prompts: list[str], steps: int, seed: int = 0, guidance: float = 7.5,
+                     batch_size: int = 4, progress: bool = True) -> tuple[dict, int]:
+    """Run the unaccelerated pipeline on ``prompts`` (image i with seed ``seed + i``), recording at every UNet
+    call the output of each ``modules[key] = (module, residual, keep, stat_fn)``; returns ``({key: summed
+    statistics}, UNet calls per pipeline call)``. Each batch's features are reduced by ``stat_fn`` and freed;
+    under ``accelerate launch`` batches are shared out and the partial sums added in global batch order."""
     from .dist import gather, state as dist_state
 
     unet, pipe = resolve(pipe)
     state = dist_state()
-    _, boundary = cached_units(unet, branch)
     batches = _batches(len(prompts), batch_size)
     mine = list(range(len(batches)))[state.process_index::state.num_processes]
-    sink: list[torch.Tensor] = []
-    hooks.attach(boundary.module, _Recorder(sink), REC_HOOK, root=unet)
+    sinks = {key: [] for key in modules}
+    for key, (m, residual, keep, _) in modules.items():
+        hooks.attach(m, _Recorder(sinks[key], residual, keep), REC_HOOK, root=unet)
     partials, n_calls = {}, None
     try:
         for bi in _run_batches(pipe, prompts, steps, seed, guidance, batches, mine,
                                f"calibrate[{state.process_index}]", progress):
-            if n_calls is not None and len(sink) != n_calls:
-                raise RuntimeError(f"UNet calls per pipeline call changed ({n_calls} -> {len(sink)})")
-            n_calls = len(sink)
-            partials[bi] = _batch_stats(sink)
-            sink.clear()
+            counts = {len(v) for v in sinks.values()}
+            if len(counts) != 1 or (n_calls is not None and counts != {n_calls}):
+                raise RuntimeError(f"UNet calls per pipeline call changed ({n_calls} -> {counts})")
+            n_calls = counts.pop()
+            partials[bi] = {key: modules[key][3](sink) for key, sink in sinks.items()}
+            for sink in sinks.values():
+                sink.clear()
     finally:
-        hooks.detach(boundary.module, REC_HOOK, root=unet)
+        for m, *_ in modules.values():
+            hooks.detach(m, REC_HOOK, root=unet)
     if state.num_processes > 1:
         partials = dict(gather([(bi, p) for bi, p in partials.items()]))
         n_calls = next(n for n in gather([n_calls]) if n is not None)
-    total = None
+    totals = {}
     for bi in sorted(partials):  # global batch order: the same sums whatever the process count
-        p = partials[bi]
-        total = {k: v.clone() if torch.is_tensor(v) else v for k, v in p.items()} if total is None else \
-            {k: total[k] + p[k] for k in p}
-    return total, n_calls
+        for key, p in partials[bi].items():
+            t = totals.get(key)
+            totals[key] = {k: v.clone() if torch.is_tensor(v) else v for k, v in p.items()} if t is None else \
+                {k: t[k] + p[k] for k in p}
+    return totals, n_calls
 
 
 class _ActRecorder(ModelHook):
@@ -244,8 +271,10 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
     r = load_recipe(recipe) if not hasattr(recipe, "transforms") else recipe
     caches = [t for t in r.transforms if isinstance(t, FeatureCache)]
     quants = [t for t in r.transforms if isinstance(t, Quantize)]
-    if not caches and not quants:
-        raise ValueError(f"recipe {r.name!r} has nothing to calibrate (no FeatureCache or Quantize)")
+    inherits = [t for t in r.transforms if isinstance(t, Inherit) and t.schedule == "calibrated"]
+    if not caches and not quants and not inherits:
+        raise ValueError(f"recipe {r.name!r} has nothing to calibrate (no FeatureCache, Quantize or "
+                         "Inherit(schedule='calibrated'))")
     prompts = prompts if prompts is not None else miniature.prompts(8, seed=seed, split="train")
     unet, pipe = resolve(pipe)
     if pipe is None:
@@ -264,10 +293,25 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
     tensors: dict[str, torch.Tensor] = {}
     cache = caches[0] if caches else None
     branch = cache.branch if cache else 0
-    stats, n = collect(pipe, prompts, steps, branch, seed, guidance, batch_size, progress)
+    modules = {}
+    if caches or quants:
+        modules["cache"] = (cached_units(unet, branch)[1].module, False, None, _batch_stats)
+    targets = inherits[0].matched(unet) if inherits else {}
+    for path, m in targets.items():
+        modules[f"inherit.{path}"] = (m, inherits[0].residual, INHERIT_ELEMENTS, _dist_stats)
+    totals, n = collect_features(pipe, modules, prompts, steps, seed, guidance, batch_size, progress)
     meta["scheduler"] = {"class": type(pipe.scheduler).__name__, "steps": steps, "unet_calls": n}
     if not 1 <= budget <= n:
         raise ValueError(f"--budget must be in 1..{n} (UNet calls per pipeline call)")
+    if inherits:
+        for path in targets:
+            tensors[f"inherit.{path}.distance"] = totals[f"inherit.{path}"]["dist"]
+        meta["inherit"] = {"targets": list(targets), "residual": inherits[0].residual, "budget": budget}
+        meta["inherit"]["schedule"] = Calibration(meta, tensors).inherit_schedule(list(targets), n, inherits[0].residual)
+    if not (caches or quants):
+        meta["seconds"] = round(time.time() - t0, 2)
+        return Calibration(meta, tensors)
+    stats = totals["cache"]
     count = stats["count"] * 1.0
     m = Moments(stats["sum"] / count, stats["sumsq"] / count, stats["cross"] / count)
     C = schedules.group_cost(D=stats["dist"].numpy())
@@ -325,7 +369,11 @@ def cmd_calibrate(args):
                       args.batch_size, not args.unconstrained, source)
     if state().is_main_process:
         calib.save(args.out)
-        c = calib.meta["cache"]
         print(f"calibration -> {Path(args.out).resolve()} ({calib.meta['seconds']} s, {len(prompts)} prompts, "
               f"{calib.meta['scheduler']['unet_calls']} UNet calls)")
-        print(f"DP schedule (branch {c['branch']}, {c['budget']} full calls): {c['schedule']}")
+        if "cache" in calib.meta:
+            c = calib.meta["cache"]
+            print(f"DP schedule (branch {c['branch']}, {c['budget']} full calls): {c['schedule']}")
+        if "inherit" in calib.meta:
+            c = calib.meta["inherit"]
+            print(f"inheritance schedule ({len(c['targets'])} targets run at {c['budget']} calls): {c['schedule']}")

@@ -120,6 +120,32 @@ class Calibration:
     def cache(self, branch: int, budget: int | None = None) -> CacheCalibration:
         return CacheCalibration(self, branch, budget)
 
+    def inherit_schedule(self, paths: list[str], n: int | None, residual: bool = False,
+                         budget: int | None = None) -> list[int]:
+        """The calls at which ``Inherit(schedule="calibrated")`` runs its targets ``paths``: the DP schedule on
+        the sum of the targets' distance matrices, each scaled to mean 1 (so every target counts alike)."""
+        meta = self.meta.get("inherit")
+        missing = [p for p in paths if f"inherit.{p}.distance" not in self.tensors]
+        if meta is None or missing:
+            raise CalibrationError(f"the calibration has no inheritance statistics for {missing or paths}; "
+                                   "recalibrate with the recipe that holds this Inherit")
+        if bool(meta.get("residual")) != bool(residual):
+            raise CalibrationError(f"the calibration measured the targets' {'residuals' if meta.get('residual') else 'outputs'}"
+                                   f", this Inherit inherits {'residuals' if residual else 'outputs'}; recalibrate")
+        D = sum(self.tensors[f"inherit.{p}.distance"].double() / self.tensors[f"inherit.{p}.distance"].double().mean().clamp_min(1e-30)
+                for p in paths)
+        N = D.shape[0]
+        if n is not None and n != N:
+            sched = self.meta.get("scheduler", {})
+            raise CalibrationError(f"this calibration was made for {N} UNet calls per pipeline call ({sched.get('steps')} "
+                                   f"steps of {sched.get('class')}) but this call makes {n}: recalibrate with "
+                                   "`accel calibrate --steps ...` for this step count")
+        k = budget or meta.get("budget")
+        if not k or not 1 <= k <= N:
+            raise CalibrationError(f"Inherit budget {k} must be in 1..{N}")
+        lo, hi = schedules.paper_bounds(N, k)
+        return schedules.dp_schedule(schedules.group_cost(D=D.numpy()), k, lo, hi)[0]
+
     def quant(self) -> QuantCalibration | None:
         """The quantization statistics, or None if this calibration has none."""
         return QuantCalibration(self) if any(k.startswith("quant.scale.") for k in self.tensors) else None

@@ -73,3 +73,62 @@ def test_sdxl_and_controlnet(tokenizer_dir):
         pipe = make_pipe(kind, tokenizer_dir, scheduler="DDIMScheduler")
         with accel.apply(pipe, accel.Inherit(targets=["mid_block", "up_blocks.0"], every=2)):
             assert torch.isfinite(pipe(**pipe_inputs(kind, steps=6)).images).all()
+
+
+def test_calibrated_schedule_runs_where_the_outputs_change_most(tokenizer_dir, tmp_path):
+    """schedule='calibrated': the targets run at the DP schedule of their own output distances, measured here
+    independently (plain torch hooks on a plain run) and compared with what accel calibrate stored and applies."""
+    import numpy as np
+
+    from accel import schedules
+    from accel.calibrate import calibrate
+    from accel.calibration import Calibration
+    from accel.errors import CalibrationError
+
+    prompts = ["a large red circle on the left, black background", "a small blue square at the top, white background"]
+    pipe = make_pipe("sd", tokenizer_dir, scheduler="DDIMScheduler")
+    targets = ["mid_block", "up_blocks.0"]
+    recipe = accel.Recipe(name="asdm-cal", transforms=[accel.Inherit(targets=targets, schedule="calibrated")])
+    calib = calibrate(pipe, recipe, prompts, steps=12, budget=4, batch_size=2, progress=False)
+    calib.save(tmp_path / "cal")
+    calib = Calibration.load(tmp_path / "cal", unet=pipe.unet, pipe=pipe)
+    # independent measurement: every target's outputs per call, same prompts and seeds
+    feats = {t: [] for t in targets}
+    hs = [pipe.unet.get_submodule(t).register_forward_hook(
+        lambda m, a, o, t=t: feats[t].append((o[0] if isinstance(o, tuple) else o).detach().reshape(-1)))
+        for t in targets]
+    with torch.no_grad():
+        pipe(prompts, num_inference_steps=12, guidance_scale=7.5, output_type="latent",
+             generator=[torch.Generator().manual_seed(i) for i in range(2)])
+    for h in hs:
+        h.remove()
+    D = 0
+    for t in targets:
+        F = torch.stack(feats[t]).double()
+        Dt = torch.cdist(F[None], F[None], p=1)[0].numpy()
+        D = D + Dt / Dt.mean()
+    lo, hi = schedules.paper_bounds(12, 4)
+    expect = schedules.dp_schedule(schedules.group_cost(D=D), 4, lo, hi)[0]
+    assert calib.meta["inherit"]["schedule"] == expect and len(expect) == 4
+    # applied: the mid block runs exactly at those calls, for the calibrated budget and for another one
+    calls, ran = [], []
+    hu = pipe.unet.register_forward_pre_hook(lambda *_: calls.append(True))
+    h = pipe.unet.mid_block.resnets[0].register_forward_pre_hook(lambda *_: ran.append(len(calls) - 1))
+    for budget, want in [(None, expect), (6, None)]:
+        calls.clear(), ran.clear()
+        with accel.apply(pipe, accel.Inherit(targets=targets, schedule="calibrated", budget=budget), calibration=calib):
+            run(pipe, steps=12)
+        assert ran == (want or calib.inherit_schedule(targets, 12, budget=6))
+    assert len(ran) == 6
+    h.remove(), hu.remove()
+    with pytest.raises(CalibrationError, match="12 UNet calls"):
+        with accel.apply(pipe, accel.Inherit(targets=targets, schedule="calibrated"), calibration=calib):
+            run(pipe, steps=10)
+    with pytest.raises(CalibrationError, match="no inheritance statistics"):
+        accel.apply(pipe, accel.Inherit(targets="up_blocks.1", schedule="calibrated"), calibration=calib)
+    with pytest.raises(CalibrationError, match="residuals"):
+        accel.apply(pipe, accel.Inherit(targets=targets, schedule="calibrated", residual=True), calibration=calib)
+    with pytest.raises(ValueError, match="needs a calibration"):
+        accel.apply(pipe, accel.Inherit(targets=targets, schedule="calibrated"))
+    with pytest.raises(ValueError, match="budget"):
+        accel.Inherit(every=2, budget=3)

@@ -45,6 +45,18 @@ def _atomic_save(obj, path: Path):
     os.replace(tmp, path)
 
 
+def _save_models(folder: Path, **models_):
+    """``save_pretrained`` each model into ``folder/NAME``, written beside and renamed into place."""
+    import shutil
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, m in models_.items():
+        m.save_pretrained(tmp / name)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
 def _batch(cfg, step: int):
     images, captions, _ = world.sample(cfg["batch"], seed=cfg["seed"] * 1_000_003 + step)
     return images, captions
@@ -298,14 +310,16 @@ def train_unet(cfg, out: Path):
         ema_unet.update(unet, step)
         ema_text.update(text, step)
         metrics = {"loss": loss.item(), "grad_norm": float(gnorm)}
+        every = cfg.get("snapshot_every")
+        if every and (step + 1) % every == 0:  # EMA weights at this step, for quality-per-step curves
+            _save_models(out / "snapshots" / str(step + 1), unet=ema_unet.model, text_encoder=ema_text.model)
         if scalelong is not None:  # mean L2 norm of each long skip (before scaling), skip_1 the outermost
             metrics |= {f"skip_{i}": v for i, v in sorted(scalelong.norms.items())}
         return metrics
 
     run.loop({"unet": unet, "text": text, "ema_unet": ema_unet, "ema_text": ema_text, "opt": opt,
               "sched": sched}, step_fn)
-    ema_unet.model.save_pretrained(out / "final" / "unet")
-    ema_text.model.save_pretrained(out / "final" / "text_encoder")
+    _save_models(out / "final", unet=ema_unet.model, text_encoder=ema_text.model)
     print(f"unet -> {out / 'final'}")
 
 

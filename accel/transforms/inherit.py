@@ -9,7 +9,10 @@ feed-forward (``ff``) of a transformer block. Targets are module-path patterns (
 
 Step-level sampling modes (the calls at which the targets *inherit*; call 0 always runs):
 ``every=k`` (run on every k-th call, inherit in between), ``window=(start, end)`` (inherit for calls
-``start <= i < end``), ``steps=[...]`` (inherit at these calls).
+``start <= i < end``), ``steps=[...]`` (inherit at these calls), ``schedule="calibrated"``: the targets run at
+``budget`` calls chosen by CacheQuant's dynamic programme (:func:`accel.schedules.dp_schedule`) on the targets'
+own output distances between calls, measured by ``accel calibrate`` (each target's distance matrix scaled to
+mean 1, summed): they inherit where their output changes least.
 
 Composes with :class:`~accel.transforms.cache.FeatureCache` (a module inside the cached branch simply does not
 run on cached calls) and with :class:`~accel.transforms.quantize.Quantize`.
@@ -77,7 +80,9 @@ class Inherit(Transform):
     Args:
         targets: module-path pattern(s) among the chosen granularity's modules.
         granularity: ``"block"``, ``"layer"`` or ``"unit"``.
-        every / window / steps: the step-level sampling mode (exactly one).
+        every / window / steps / schedule: the step-level sampling mode (exactly one); ``schedule`` takes
+            ``"calibrated"`` (needs a calibration made with this recipe, see ``accel calibrate``).
+        budget: with ``schedule="calibrated"``, the calls at which the targets run (default: the calibrated one).
         residual: inherit ``output - input`` instead of the output.
     """
 
@@ -86,6 +91,8 @@ class Inherit(Transform):
     every: int | None = None
     window: list | None = None
     steps: list | None = None
+    schedule: str | None = None
+    budget: int | None = None
     residual: bool = False
     order = 70
     requires_pipeline = True
@@ -96,9 +103,14 @@ class Inherit(Transform):
             self.targets = [self.targets]
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity {self.granularity!r}: use one of {', '.join(GRANULARITIES)}")
-        modes = [m for m in ("every", "window", "steps") if getattr(self, m) is not None]
+        modes = [m for m in ("every", "window", "steps", "schedule") if getattr(self, m) is not None]
         if len(modes) != 1:
-            raise ValueError("Inherit needs exactly one sampling mode: every=k, window=(start, end) or steps=[...]")
+            raise ValueError("Inherit needs exactly one sampling mode: every=k, window=(start, end), steps=[...] "
+                             "or schedule='calibrated'")
+        if self.schedule is not None and self.schedule != "calibrated":
+            raise ValueError(f"schedule {self.schedule!r}: the only named schedule is 'calibrated'")
+        if self.budget is not None and (self.schedule != "calibrated" or int(self.budget) < 1):
+            raise ValueError("budget=K (K >= 1) goes with schedule='calibrated'")
         if self.every is not None and (not isinstance(self.every, int) or self.every < 2):
             raise ValueError("every must be an integer >= 2")
         if self.window is not None:
@@ -107,7 +119,7 @@ class Inherit(Transform):
                 raise ValueError("window must be (start, end) with 0 <= start < end")
         if self.steps is not None:
             self.steps = sorted({int(s) for s in self.steps})
-        self._inherit, self._shape = False, None
+        self._inherit, self._shape, self._calib, self._runs = False, None, None, None
 
     def inherits_at(self, step: int) -> bool:
         if step == 0:
@@ -116,11 +128,21 @@ class Inherit(Transform):
             return step % self.every != 0
         if self.window is not None:
             return self.window[0] <= step < self.window[1]
+        if self.schedule == "calibrated":
+            if self._runs is None:
+                raise RuntimeError("the calibrated schedule is known once the pipeline call starts")
+            return step not in self._runs
         return step in self.steps
+
+    def run_calls(self, n: int) -> list[int]:
+        """The calls (of ``n``) at which the targets run with the calibrated schedule."""
+        return self._calib.inherit_schedule(list(self._hooks), n, self.residual, self.budget)
 
     def _on_tick(self, clock):
         if clock.step == 0:
             self._shape = clock.batch_shape
+            if self.schedule == "calibrated":
+                self._runs = set(self.run_calls(clock.total))
         self._inherit = self.inherits_at(clock.step) and clock.batch_shape == self._shape
         if clock.batch_shape != self._shape:
             self._shape = clock.batch_shape
@@ -135,11 +157,18 @@ class Inherit(Transform):
         return hit
 
     def attach(self, ctx: Context) -> None:
+        if self.schedule == "calibrated":
+            if ctx.calibration is None:
+                raise ValueError("Inherit(schedule='calibrated') needs a calibration: run `accel calibrate` with "
+                                 "this recipe and pass calibration=DIR")
+            self._calib = ctx.calibration
         self._hooks = {}
         for path, m in self.matched(ctx.unet).items():
             attach(m, _InheritHook(self, path), self.hook_name, root=ctx.unet)
             self._hooks[path] = m
-        self._inherit, self._shape = False, None
+        self._inherit, self._shape, self._runs = False, None, None
+        if self._calib is not None:
+            self._calib.inherit_schedule(list(self._hooks), None, self.residual, self.budget)  # fail early
         ctx.clock.add_listener(self.hook_name, self._on_tick)
 
     def detach(self, ctx: Context) -> None:
