@@ -161,6 +161,21 @@ def call_flops(pipe, branch: int | None, latent: int, prompt: str = "a red circl
     return counter.calls[0], counter.calls[1]
 
 
+def pipeline_flops(pipe, method: Method, steps: int, latent: int, prompt: str = "a red circle") -> int:
+    """UNet FLOPs of one whole pipeline call with ``method`` applied (any transform: the calls that skip work
+    count less), for FLOP-ideal speedups of schedules that are not one cached call type."""
+    counter = _PerCallFlops(pipe.unet)
+    undo = method.setup(pipe)
+    try:
+        with counter.mode, torch.no_grad():
+            pipe(prompt, num_inference_steps=steps, output_type="latent", height=latent * 8, width=latent * 8,
+                 generator=torch.Generator().manual_seed(0))
+    finally:
+        undo()
+        counter.close()
+    return sum(counter.calls)
+
+
 def ideal_speedup(n: int, k: int, full: float, cached: float) -> float:
     return n * full / (k * full + (n - k) * cached)
 
@@ -354,6 +369,62 @@ def gpu_section() -> str:  # pragma: no cover - needs CUDA
 
 
 # ----------------------------------------------------------------------------------- report
+def asdm_section(mini, args, dc: list) -> str:
+    """A-SDM feature inheritance on the miniature beside DeepCache and CacheQuant at similar cost: FLOP-ideal
+    speedup (FLOPs counted over whole pipeline calls), measured speedup (interleaved), CLIP delta and PSNR."""
+    import accel
+    from accel.calibrate import calibrate
+
+    n = _calls(mini, 50)
+    budget = len(range(0, n, 2))
+    inherit_cal = calibrate(mini, "asdm-calibrated", steps=50, budget=budget, progress=not args.quiet)
+    cache_cal = calibrate(mini, "cachequant-dp", steps=50, budget=budget, progress=not args.quiet)
+    deep = ["down_blocks.3", "mid_block", "up_blocks.0"]
+
+    def inherit(label, **kw):
+        return with_calibration(label, accel.Inherit(**kw), inherit_cal)
+
+    methods = [baseline(),
+               inherit("A-SDM block: mid_block + up_blocks.0, every 2", targets=["mid_block", "up_blocks.0"], every=2),
+               inherit("A-SDM block: down_blocks.3 + mid_block, every 2", targets=deep[:2], every=2),
+               inherit("A-SDM block: down_blocks.3 + mid_block, every 2, residual", targets=deep[:2], every=2,
+                       residual=True),
+               inherit("A-SDM block: 3 deepest, every 2", targets=deep, every=2),
+               inherit(f"A-SDM block: 3 deepest, calibrated ({budget} runs)", targets=deep, schedule="calibrated"),
+               inherit("A-SDM unit: every attn2, every 2", targets="*.attn2", granularity="unit", every=2),
+               inherit("A-SDM unit: every attn2, every 2, residual", targets="*.attn2", granularity="unit", every=2,
+                       residual=True),
+               inherit("A-SDM layer: up_blocks.1-3 attentions, every 2", targets="up_blocks.*.attentions.*",
+                       granularity="layer", every=2),
+               with_calibration(f"A-SDM attn2 every 2 + uniform cache i3 + W8A8 (dynamic)",
+                                [accel.FeatureCache(interval=3), accel.Quantize(mode="dynamic"),
+                                 accel.Inherit(targets="*.attn2", granularity="unit", every=2)], inherit_cal)]
+    methods += [deepcache(i, 0) for i in (2, 3)] if dc else [accel_cache(i, 0) for i in (2, 3)]
+    methods += [with_calibration(f"CacheQuant DP + DEC ({budget} full)",
+                                 accel.FeatureCache(schedule="calibrated", budget=budget, correction="dec"), cache_cal)]
+    base_flops = pipeline_flops(mini, baseline(), 50, 8)
+    ideal = {m.name: base_flops / pipeline_flops(mini, m, 50, 8) for m in methods}
+    times = time_methods(mini, methods, 50, 8, args.repeats, progress=not args.quiet)
+    base_t = statistics.median(times["baseline"])
+    from accel import miniature
+
+    prompts = miniature.prompts(args.num_prompts, seed=args.seed)
+    _, q = quality_rows(mini, methods, prompts, 50, seed=args.seed, progress=not args.quiet)
+    rows = []
+    for m in methods:
+        r, speed = q[m.name], base_t / statistics.median(times[m.name])
+        psnr_s = "—" if m.name == "baseline" else f"{r['psnr']:.2f}"
+        rows.append(f"| {m.name} | {ideal[m.name]:.2f}x | {speed:.2f}x | {r['clip'][0]:.2f} | "
+                    f"{r['delta'][0]:+.2f} ± {r['delta'][1]:.2f} | {100 * r['judged']:.0f}% | {psnr_s} |")
+    return (f"## Feature inheritance (A-SDM) on the miniature ({len(prompts)} held-out prompts, 50 steps = {n} UNet "
+            f"calls, same seeds)\n\nFLOP-ideal: baseline UNet FLOPs of a pipeline call / the method's (counted over "
+            f"the whole call). Measured: interleaved wall-clock, median of {args.repeats}. The calibrated rows use "
+            f"`accel calibrate` with `asdm-calibrated` / `cachequant-dp` at budget {budget} "
+            f"(inheritance schedule: {inherit_cal.meta['inherit']['schedule']}).\n\n"
+            "| method | FLOP-ideal | measured speedup | CLIP score | Δ CLIP vs baseline (paired) | shape+colour right "
+            "| PSNR dB |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def machine_line() -> str:
     import diffusers
 
@@ -456,6 +527,8 @@ def run(args) -> str:
         out.append("### UNet weight bytes (fp32 parameters vs the quantized module's stored tensors: int8 weights, "
                    "fp32 scales / zero points / biases, float norms)\n\n| model | fp32 MiB | W8A8 MiB | smaller |\n"
                    "|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    if "asdm" in sections:
+        out.append(asdm_section(mini, args, dc))
     if "gpu" in sections:
         out.append("## GPU\n")
         if torch.cuda.is_available():
@@ -474,7 +547,7 @@ def run(args) -> str:
 def add_parser(sub):
     p = sub.add_parser("bench", help="cost model, speed and quality side by side -> docs/BENCHMARKS.md")
     p.add_argument("--out", default="docs/BENCHMARKS.md")
-    p.add_argument("--sections", default="cost,speed,quality,quant,compile,gpu")
+    p.add_argument("--sections", default="cost,speed,quality,quant,asdm,compile,gpu")
     p.add_argument("--intervals", type=lambda s: [int(x) for x in s.split(",")], default=[3, 5])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--num-prompts", type=int, default=32)

@@ -130,12 +130,13 @@ def collect_features(pipe, modules: dict, prompts: list[str], steps: int, seed: 
 
 
 class _ActRecorder(ModelHook):
-    """Keeps, per UNet call and input part, the running absmax and a seeded random sample of a layer's input."""
+    """Keeps, per UNet call and input part, the running min and max and a seeded random sample of a layer's input."""
 
     def __init__(self, clock, split: int | None, per_call: int, gen: torch.Generator):
         super().__init__()
         self.clock, self.split, self.per_call, self.gen = clock, split, per_call, gen
-        self.absmax: dict[tuple[int, int], float] = {}
+        self.lo: dict[tuple[int, int], float] = {}
+        self.hi: dict[tuple[int, int], float] = {}
         self.samples: dict[tuple[int, int], list[torch.Tensor]] = {}
 
     def pre_forward(self, module, *args, **kwargs):
@@ -144,7 +145,8 @@ class _ActRecorder(ModelHook):
         for i, xi in enumerate(parts):
             key = (self.clock.step, i)
             flat = xi.reshape(-1).cpu()
-            self.absmax[key] = max(self.absmax.get(key, 0.0), flat.abs().max().item())
+            self.lo[key] = min(self.lo.get(key, 0.0), flat.min().item())
+            self.hi[key] = max(self.hi.get(key, 0.0), flat.max().item())
             idx = torch.randint(0, flat.numel(), (min(self.per_call, flat.numel()),), generator=self.gen)
             self.samples.setdefault(key, []).append(flat[idx])
         return args, kwargs
@@ -211,13 +213,17 @@ def collect_quant(pipe, quant, cache, calib: Calibration, prompts, steps, n_call
         hooks.release_clock(unet)
     tensors = {}
     for path, rec in tqdm(recs.items(), desc="MSE scale search", disable=not progress):
-        parts = 1 + max((k[1] for k in rec.absmax), default=0)
-        table = torch.full((n_calls, parts), float("nan"))
-        for (step, i), amax in rec.absmax.items():
-            table[step, i] = mse_scale(torch.cat(rec.samples[(step, i)]), amax)
-        if torch.isnan(table).any():
+        parts = 1 + max((k[1] for k in rec.lo), default=0)
+        sym, asym, shift = (torch.full((n_calls, parts), float("nan")) for _ in range(3))
+        for (step, i), lo in rec.lo.items():
+            hi, x = rec.hi[(step, i)], torch.cat(rec.samples[(step, i)])
+            sym[step, i] = mse_scale(x, max(-lo, hi))
+            shift[step, i] = (hi + lo) / 2  # the range's centre (the range always includes 0)
+            asym[step, i] = mse_scale(x - shift[step, i], (hi - lo) / 2)
+        if torch.isnan(sym).any():
             raise RuntimeError(f"layer {path} did not run at every UNet call during calibration")
-        tensors[f"quant.scale.{path}"] = table
+        tensors[f"quant.scale_sym.{path}"], tensors[f"quant.scale_asym.{path}"] = sym, asym
+        tensors[f"quant.shift.{path}"] = shift
     if quant.correction == "dec" and cache is not None:
         calib = Calibration(calib.meta, {**calib.tensors, **tensors})
         q = type(quant)(**{**quant.to_dict_fields(), "correction": None, "mode": "static"})
@@ -327,7 +333,7 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
         calib = Calibration(meta, tensors)
         qt = collect_quant(pipe, quants[0], cache, calib, prompts, steps, n, seed, guidance, batch_size, progress)
         tensors.update(qt)
-        meta["quant"] = {"layers": sum(k.startswith("quant.scale.") for k in qt),
+        meta["quant"] = {"layers": sum(k.startswith("quant.shift.") for k in qt),
                          "dec_layers": sorted(k[len("quant.dec_alpha."):] for k in qt if k.startswith("quant.dec_alpha."))}
     meta["seconds"] = round(time.time() - t0, 2)
     return Calibration(meta, tensors)

@@ -22,7 +22,7 @@ from .errors import CalibrationError
 from .transforms.dec import CacheDEC, Moments, coefficients
 
 FORMAT = "accel-calibration"
-VERSION = 1
+VERSION = 2  # 2: asymmetric activation quantizers (quant.scale_sym / scale_asym / shift)
 META_FILE = "accel.json"
 TENSOR_FILE = "calibration.safetensors"
 
@@ -99,12 +99,15 @@ class QuantCalibration:
     def __init__(self, calib: "Calibration"):
         self.calib = calib
 
-    def scales(self, path: str, parts: int) -> torch.Tensor:
-        t = self.calib.tensors.get(f"quant.scale.{path}")
+    def scales(self, path: str, parts: int, asymmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(scales, shifts)`` per call and input part for a layer; the calibration holds both schemes."""
+        kind = "asym" if asymmetric else "sym"
+        t = self.calib.tensors.get(f"quant.scale_{kind}.{path}")
         if t is None or t.shape[1] != parts:
-            raise CalibrationError(f"the calibration has no activation scales for layer {path!r}: it was made for "
-                                   "another model or quantization setting; recalibrate")
-        return t.float()
+            raise CalibrationError(f"the calibration has no {kind}metric activation scales for layer {path!r}: it "
+                                   "was made for another model or quantization setting; recalibrate")
+        shift = self.calib.tensors[f"quant.shift.{path}"].float() if asymmetric else None
+        return t.float(), shift
 
     def dec(self, path: str):
         a = self.calib.tensors.get(f"quant.dec_alpha.{path}")
@@ -148,7 +151,7 @@ class Calibration:
 
     def quant(self) -> QuantCalibration | None:
         """The quantization statistics, or None if this calibration has none."""
-        return QuantCalibration(self) if any(k.startswith("quant.scale.") for k in self.tensors) else None
+        return QuantCalibration(self) if any(k.startswith("quant.scale_") for k in self.tensors) else None
 
     # -- writing -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:

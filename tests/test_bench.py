@@ -18,3 +18,22 @@ def test_bench_writes_report(tmp_path):
     assert text.startswith("# Benchmarks") and "accel bench" in text and "no GPU" in text
     assert "| 0 |" in text and "ideal i5" in text  # the per-branch cost table
     assert "Not run: this machine has no CUDA device" in text
+
+
+def test_pipeline_flops_agrees_with_the_per_call_cost_model(tokenizer_dir):
+    """FLOPs counted over a whole pipeline call equal the cost model's full/cached-call arithmetic for a
+    cache, and an inheritance schedule counts less than the baseline by exactly the skipped calls' work."""
+    import accel
+    from accel.bench import accel_cache, baseline, call_flops, pipeline_flops, with_calibration
+
+    from conftest import make_pipe
+
+    pipe = make_pipe("sd", tokenizer_dir, scheduler="DDIMScheduler")
+    full, cached = call_flops(pipe, 0, 8)
+    assert pipeline_flops(pipe, baseline(), 6, 8) == 6 * full
+    assert pipeline_flops(pipe, accel_cache(2, 0), 6, 8) == 3 * full + 3 * cached
+    inherit = with_calibration("inherit", accel.Inherit(targets="mid_block", every=3), None)
+    two_calls = pipeline_flops(pipe, with_calibration("mid", accel.Inherit(targets="mid_block", steps=[1]), None), 2, 8)
+    skipped = 2 * full - two_calls  # call 1 without the mid block
+    assert 0 < skipped < full
+    assert pipeline_flops(pipe, inherit, 6, 8) == 6 * full - 4 * skipped

@@ -132,3 +132,23 @@ def test_calibrated_schedule_runs_where_the_outputs_change_most(tokenizer_dir, t
         accel.apply(pipe, accel.Inherit(targets=targets, schedule="calibrated"))
     with pytest.raises(ValueError, match="budget"):
         accel.Inherit(every=2, budget=3)
+
+
+def test_residual_on_a_down_block_updates_its_skip_features_too(tokenizer_dir):
+    """A down block returns (hidden, skip features); inheriting its residual moves every output of the input's
+    shape by the new input, so the up path does not read the skips of the previous call."""
+    pipe = make_pipe("sd", tokenizer_dir, scheduler="DDIMScheduler")
+    block = pipe.unet.down_blocks[3]  # no downsampler: every output has the input's shape
+    seen = {"x": [], "out": []}
+    hs = [block.register_forward_pre_hook(lambda m, a, k: seen["x"].append((a[0] if a else k["hidden_states"]).clone()),
+                                          with_kwargs=True),
+          block.register_forward_hook(lambda m, a, k, o: seen["out"].append(o), with_kwargs=True)]
+    with accel.apply(pipe, accel.Inherit(targets="down_blocks.3", residual=True, steps=[1])):
+        run(pipe, steps=3)
+    for h in hs:
+        h.remove()
+    (x0, x1), (o0, o1) = seen["x"][:2], seen["out"][:2]
+    torch.testing.assert_close(o1[0], x1 + (o0[0] - x0))
+    assert len(o1[1]) == len(o0[1]) == 2
+    for r0, r1 in zip(o0[1], o1[1]):
+        torch.testing.assert_close(r1, x1 + (r0 - x0))

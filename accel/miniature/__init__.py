@@ -45,7 +45,7 @@ def load_pipeline(torch_dtype=None, device: str | None = None, **kwargs):
 
     _check(PIPELINE_DIR)
     pipe = StableDiffusionPipeline.from_pretrained(
-        PIPELINE_DIR, torch_dtype=torch_dtype or torch.float32, safety_checker=None,
+        PIPELINE_DIR, dtype=torch_dtype or torch.float32, safety_checker=None,
         requires_safety_checker=False, local_files_only=True, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device else pipe

@@ -27,7 +27,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ..hooks import attach, detach
-from ..unet import feature_of, with_feature
+from ..unet import feature_of
 from .base import Context, Transform, register
 
 GRANULARITIES = {
@@ -42,6 +42,21 @@ def candidates(unet, granularity: str) -> dict[str, torch.nn.Module]:
     return {p: m for p, m in unet.named_modules() if rx.match(p)}
 
 
+def _map(out, fn, other=None):
+    """``fn(tensor, matching item of other)`` over the tensors of a block output (tensor, nested tuples,
+    or a diffusers ``BaseOutput``), keeping its structure."""
+    if torch.is_tensor(out):
+        return fn(out, other)
+    if isinstance(out, (tuple, list)):
+        others = other if other is not None else [None] * len(out)
+        return type(out)(_map(o, fn, r) for o, r in zip(out, others))
+    if hasattr(out, "to_tuple"):
+        items = list(out.values())
+        others = list(other.values()) if other is not None else [None] * len(items)
+        return type(out)(*[_map(o, fn, r) for o, r in zip(items, others)])
+    return out
+
+
 class _InheritHook(ModelHook):
     _is_stateful = True
 
@@ -53,16 +68,16 @@ class _InheritHook(ModelHook):
         x = args[0] if args else kwargs.get("hidden_states")
         if self.owner._inherit and self.kept is not None:
             if self.owner.residual:
-                if self.kept.shape != x.shape:
+                if feature_of(self.template).shape != x.shape:
                     raise ValueError(f"Inherit(residual=True): {self.path} changes the feature's shape; "
                                      "inherit its output instead (residual=False)")
-                return with_feature(self.template, x + self.kept)
+                # every output tensor of the input's shape (a down block's skip features too) gets x + residual
+                return _map(self.template, lambda t, r: t if r is None else x + r, self.kept)
             return self.kept
         out = self.fn_ref.original_forward(*args, **kwargs)
         if self.owner.residual:
-            feat = feature_of(out)
             self.template = out
-            self.kept = feat - x if feat.shape == x.shape else feat.new_empty(0)
+            self.kept = _map(out, lambda t, _: t - x if t.shape == x.shape else None)
         else:
             self.kept = out
         return out

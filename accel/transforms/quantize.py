@@ -5,7 +5,12 @@
   fake-quantized floats.
 * Activations: int8 per tensor with a scale *per UNet call* from calibration (``mode="static"``, the
   CacheQuant setting, MSE-searched), or dynamic (``mode="dynamic"``: per token for Linear, per tensor for
-  Conv2d) when there is no calibration.
+  Conv2d) when there is no calibration. ``act_scheme="asymmetric"`` (default) also shifts each per-tensor
+  quantizer to the centre ``m`` of its range: ``x = m + s * q``. Most UNet layers read SiLU/GELU outputs
+  (>= -0.28), where a symmetric range wastes half the int8 codes. The shift costs no integer work: ``W (m + x')
+  = W x' + m W 1`` and the second term is a per-output-channel constant for Linear (folded into the bias)
+  and, for a zero-padded Conv2d, ``m`` times the convolution of an all-ones image with the weight summed
+  over input channels (exact at the borders too).
 * Split shortcut (Q-Diffusion): the layers that consume ``cat([hidden, skip])`` in up-block resnets get one
   quantizer per half and two integer products.
 * GroupNorm, softmax, nonlinearities, the VAE and the text encoder stay in float.
@@ -95,7 +100,14 @@ class _QBase(nn.Module):
             self.register_buffer(f"weight_scale{i}", s)
             self.register_buffer(f"weight_zero{i}", z if z is not None else None)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        for i in range(len(parts)):  # sum over input channels of the dequantized weight: the shift's product
+            wq = getattr(self, f"weight_q{i}").float()
+            z = getattr(self, f"weight_zero{i}")
+            deq = (wq - (z.float().view(-1, *[1] * (wq.dim() - 1)) if z is not None else 0)) * \
+                getattr(self, f"weight_scale{i}").view(-1, *[1] * (wq.dim() - 1))
+            self.register_buffer(f"weight_sum{i}", deq.sum(1, keepdim=wq.dim() > 2))
         self.act_scales: torch.Tensor | None = None  # (num_calls, num_parts) from calibration
+        self.act_shifts: torch.Tensor | None = None  # (num_calls, num_parts): the range centres m
         self.dec: tuple[torch.Tensor, torch.Tensor] | None = None  # (alpha (N, O), beta (N, O))
 
     @property
@@ -105,16 +117,22 @@ class _QBase(nn.Module):
     def _inputs(self, x):
         return [x] if self.split is None else [x[:, :self.split], x[:, self.split:]]
 
-    def _scale(self, i: int, x: torch.Tensor):
-        """The activation scale of part i at this call: calibrated (static) or the tensor's absmax (dynamic)."""
+    def _quantizer(self, i: int, x: torch.Tensor) -> tuple[float, float]:
+        """``(scale, shift)`` of part i at this call: calibrated (static) or from the tensor's range (dynamic)."""
         if self.act_scales is not None:
             step = self.owner._step
             if step >= self.act_scales.shape[0]:
                 raise CalibrationError(f"{self.path}: activation scales calibrated for {self.act_scales.shape[0]} "
                                        f"UNet calls, this is call {step + 1}: recalibrate for this step count")
-            return float(self.act_scales[step, i])
-        amax = x.detach().abs().amax().item()
-        return amax / 127 if amax > 0 else 1.0
+            shift = float(self.act_shifts[step, i]) if self.act_shifts is not None and self.owner.act_asymmetric else 0.0
+            return float(self.act_scales[step, i]), shift
+        x = x.detach()
+        if self.owner.act_asymmetric:
+            lo, hi = x.amin().item(), x.amax().item()
+            shift, amax = (hi + lo) / 2, (hi - lo) / 2
+        else:
+            shift, amax = 0.0, x.abs().amax().item()
+        return (amax / 127 if amax > 0 else 1.0), shift
 
     def _correct(self, y, channel_dim):
         if self.dec is None or self.owner._step < 0:
@@ -141,9 +159,13 @@ class QLinear(_QBase):
             return self._correct(y, -1)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        s = self._scale(0, x2)
+        s, m = self._quantizer(0, x2)
+        bias = self.bias
+        if m:
+            x2 = x2 - m
+            bias = m * self.weight_sum0 + (bias if bias is not None else 0)
         q = kernels.quantize_static(x2, s, 0, backend)
-        y = kernels.w8a8_gemm(q, self.weight_q0, torch.tensor(s), self.weight_scale0, self.bias, 0,
+        y = kernels.w8a8_gemm(q, self.weight_q0, torch.tensor(s), self.weight_scale0, bias, 0,
                               self.weight_zero0, x.dtype, backend)
         return self._correct(y.reshape(*shape[:-1], self.out_features), -1)
 
@@ -160,11 +182,15 @@ class QConv2d(_QBase):
         backend = self.owner.backend
         y = None
         for i, xi in enumerate(self._inputs(x)):
-            s = self._scale(i, xi)
-            q = kernels.quantize_static(xi, s, 0, backend)
+            s, m = self._quantizer(i, xi)
+            q = kernels.quantize_static(xi - m if m else xi, s, 0, backend)
             yi = kernels.w8a8_conv2d(q, getattr(self, f"weight_q{i}"), s, getattr(self, f"weight_scale{i}"),
                                      self.bias if i == 0 else None, self.stride, self.padding,
                                      getattr(self, f"weight_zero{i}"), x.dtype, backend)
+            if m:  # + m * conv(ones, W): zero padding makes the border differ from the interior
+                ones = torch.ones((1, 1) + tuple(xi.shape[2:]), dtype=torch.float32, device=xi.device)
+                yi = yi + (m * F.conv2d(ones, getattr(self, f"weight_sum{i}"), stride=self.stride,
+                                        padding=self.padding)).to(yi.dtype)
             y = yi if y is None else y + yi
         return self._correct(y, 1)
 
@@ -198,6 +224,8 @@ class Quantize(Transform):
     Args:
         weights, activations: bit widths (8 and 8: what the kernels implement).
         weight_scheme: ``"asymmetric"`` (CacheQuant) or ``"symmetric"`` per output channel.
+        act_scheme: per-tensor activation quantizers centred on their range (``"asymmetric"``) or on zero
+            (``"symmetric"``).
         mode: ``"static"`` (per-call scales from a calibration) or ``"dynamic"``; ``None``: static when the
             calibration has scales, else dynamic.
         backend: ``None`` (by device), ``"reference"`` or ``"triton"``.
@@ -212,6 +240,7 @@ class Quantize(Transform):
     weights: int = 8
     activations: int = 8
     weight_scheme: str = "asymmetric"
+    act_scheme: str = "asymmetric"
     mode: str | None = None
     backend: str | None = None
     exclude: list = field(default_factory=list)
@@ -228,6 +257,8 @@ class Quantize(Transform):
             raise ValueError("Quantize implements W8A8 (weights=8, activations=8)")
         if self.weight_scheme not in ("symmetric", "asymmetric"):
             raise ValueError("weight_scheme must be 'symmetric' or 'asymmetric'")
+        if self.act_scheme not in ("symmetric", "asymmetric"):
+            raise ValueError("act_scheme must be 'symmetric' or 'asymmetric'")
         if self.mode not in (None, "static", "dynamic"):
             raise ValueError("mode must be 'static', 'dynamic' or None")
         if self.backend not in (None, "reference", "triton"):
@@ -243,12 +274,16 @@ class Quantize(Transform):
 
     def to_dict_fields(self) -> dict:
         """Constructor arguments (incl. ``filter_fn``) to build a copy."""
-        return {k: getattr(self, k) for k in ("weights", "activations", "weight_scheme", "mode", "backend",
+        return {k: getattr(self, k) for k in ("weights", "activations", "weight_scheme", "act_scheme", "mode", "backend",
                                                "exclude", "split_shortcut", "clip_search", "correction", "filter_fn")}
 
     @property
     def weights_symmetric(self) -> bool:
         return self.weight_scheme == "symmetric"
+
+    @property
+    def act_asymmetric(self) -> bool:
+        return self.act_scheme == "asymmetric"
 
     def selected(self, unet) -> list[tuple[str, nn.Module]]:
         out = []
@@ -282,7 +317,7 @@ class Quantize(Transform):
             q = QLinear(self, path, m) if isinstance(m, nn.Linear) else QConv2d(self, path, m, split)
             q.to(m.weight.device)
             if qcal is not None:
-                q.act_scales = qcal.scales(path, q.parts)
+                q.act_scales, q.act_shifts = qcal.scales(path, q.parts, self.act_asymmetric)
                 if self.correction == "dec":
                     q.dec = qcal.dec(path)
             self._originals[path] = m
