@@ -379,26 +379,26 @@ def asdm_section(mini, args, dc: list) -> str:
     budget = len(range(0, n, 2))
     inherit_cal = calibrate(mini, "asdm-calibrated", steps=50, budget=budget, progress=not args.quiet)
     cache_cal = calibrate(mini, "cachequant-dp", steps=50, budget=budget, progress=not args.quiet)
-    deep = ["down_blocks.3", "mid_block", "up_blocks.0"]
 
     def inherit(label, **kw):
         return with_calibration(label, accel.Inherit(**kw), inherit_cal)
 
+    up12, attn = ["up_blocks.1", "up_blocks.2"], "*.attentions.*"
     methods = [baseline(),
-               inherit("A-SDM block: mid_block + up_blocks.0, every 2", targets=["mid_block", "up_blocks.0"], every=2),
-               inherit("A-SDM block: down_blocks.3 + mid_block, every 2", targets=deep[:2], every=2),
-               inherit("A-SDM block: down_blocks.3 + mid_block, every 2, residual", targets=deep[:2], every=2,
-                       residual=True),
-               inherit("A-SDM block: 3 deepest, every 2", targets=deep, every=2),
-               inherit(f"A-SDM block: 3 deepest, calibrated ({budget} runs)", targets=deep, schedule="calibrated"),
-               inherit("A-SDM unit: every attn2, every 2", targets="*.attn2", granularity="unit", every=2),
-               inherit("A-SDM unit: every attn2, every 2, residual", targets="*.attn2", granularity="unit", every=2,
-                       residual=True),
-               inherit("A-SDM layer: up_blocks.1-3 attentions, every 2", targets="up_blocks.*.attentions.*",
-                       granularity="layer", every=2),
-               with_calibration(f"A-SDM attn2 every 2 + uniform cache i3 + W8A8 (dynamic)",
+               inherit("A-SDM block: mid_block + up_blocks.0, every 2 (asdm-block-mid)",
+                       targets=["mid_block", "up_blocks.0"], every=2),
+               inherit("A-SDM block: up_blocks.1 + 2, every 2", targets=up12, every=2),
+               inherit(f"A-SDM block: up_blocks.1 + 2, calibrated ({budget} runs; asdm-calibrated)", targets=up12,
+                       schedule="calibrated"),
+               inherit("A-SDM layer: every transformer, every 2", targets=attn, granularity="layer", every=2),
+               inherit("A-SDM layer: every transformer, every 2, residual", targets=attn, granularity="layer",
+                       every=2, residual=True),
+               inherit("A-SDM unit: every ff, every 2", targets="*.ff", granularity="unit", every=2),
+               inherit("A-SDM unit: every attn2, every 2 (asdm-unit-attn2)", targets="*.attn2", granularity="unit",
+                       every=2),
+               with_calibration("A-SDM transformers every 2 + uniform cache i3 + W8A8 (dynamic)",
                                 [accel.FeatureCache(interval=3), accel.Quantize(mode="dynamic"),
-                                 accel.Inherit(targets="*.attn2", granularity="unit", every=2)], inherit_cal)]
+                                 accel.Inherit(targets=attn, granularity="layer", every=2)], inherit_cal)]
     methods += [deepcache(i, 0) for i in (2, 3)] if dc else [accel_cache(i, 0) for i in (2, 3)]
     methods += [with_calibration(f"CacheQuant DP + DEC ({budget} full)",
                                  accel.FeatureCache(schedule="calibrated", budget=budget, correction="dec"), cache_cal)]

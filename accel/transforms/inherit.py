@@ -118,6 +118,9 @@ class Inherit(Transform):
             self.targets = [self.targets]
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity {self.granularity!r}: use one of {', '.join(GRANULARITIES)}")
+        if self.residual and self.granularity == "unit":
+            raise ValueError("residual=True needs granularity 'block' or 'layer': a unit's output already is a "
+                             "residual branch (the transformer block adds it to its input), inherit it as it is")
         modes = [m for m in ("every", "window", "steps", "schedule") if getattr(self, m) is not None]
         if len(modes) != 1:
             raise ValueError("Inherit needs exactly one sampling mode: every=k, window=(start, end), steps=[...] "
