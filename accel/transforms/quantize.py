@@ -100,12 +100,6 @@ class _QBase(nn.Module):
             self.register_buffer(f"weight_scale{i}", s)
             self.register_buffer(f"weight_zero{i}", z if z is not None else None)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        for i in range(len(parts)):  # sum over input channels of the dequantized weight: the shift's product
-            wq = getattr(self, f"weight_q{i}").float()
-            z = getattr(self, f"weight_zero{i}")
-            deq = (wq - (z.float().view(-1, *[1] * (wq.dim() - 1)) if z is not None else 0)) * \
-                getattr(self, f"weight_scale{i}").view(-1, *[1] * (wq.dim() - 1))
-            self.register_buffer(f"weight_sum{i}", deq.sum(1, keepdim=wq.dim() > 2))
         self.act_scales: torch.Tensor | None = None  # (num_calls, num_parts) from calibration
         self.act_shifts: torch.Tensor | None = None  # (num_calls, num_parts): the range centres m
         self.dec: tuple[torch.Tensor, torch.Tensor] | None = None  # (alpha (N, O), beta (N, O))
@@ -116,6 +110,16 @@ class _QBase(nn.Module):
 
     def _inputs(self, x):
         return [x] if self.split is None else [x[:, :self.split], x[:, self.split:]]
+
+    def _weight_sum(self, i: int) -> torch.Tensor:
+        """The dequantized weight of part i summed over input channels (what a shift ``m`` of the input adds:
+        ``m * W 1``), from the int8 weights (O(weights) work per call, nothing stored)."""
+        q = getattr(self, f"weight_q{i}")
+        z, s = getattr(self, f"weight_zero{i}"), getattr(self, f"weight_scale{i}")
+        tot = q.sum(1, dtype=torch.int64, keepdim=q.dim() > 2)
+        if z is not None:
+            tot = tot - z.long().view(-1, *[1] * (tot.dim() - 1)) * q.shape[1]
+        return tot.float() * s.view(-1, *[1] * (tot.dim() - 1))
 
     def _quantizer(self, i: int, x: torch.Tensor) -> tuple[float, float]:
         """``(scale, shift)`` of part i at this call: calibrated (static) or from the tensor's range (dynamic)."""
@@ -163,7 +167,7 @@ class QLinear(_QBase):
         bias = self.bias
         if m:
             x2 = x2 - m
-            bias = m * self.weight_sum0 + (bias if bias is not None else 0)
+            bias = m * self._weight_sum(0) + (bias if bias is not None else 0)
         q = kernels.quantize_static(x2, s, 0, backend)
         y = kernels.w8a8_gemm(q, self.weight_q0, torch.tensor(s), self.weight_scale0, bias, 0,
                               self.weight_zero0, x.dtype, backend)
@@ -189,7 +193,7 @@ class QConv2d(_QBase):
                                      getattr(self, f"weight_zero{i}"), x.dtype, backend)
             if m:  # + m * conv(ones, W): zero padding makes the border differ from the interior
                 ones = torch.ones((1, 1) + tuple(xi.shape[2:]), dtype=torch.float32, device=xi.device)
-                yi = yi + (m * F.conv2d(ones, getattr(self, f"weight_sum{i}"), stride=self.stride,
+                yi = yi + (m * F.conv2d(ones, self._weight_sum(i), stride=self.stride,
                                         padding=self.padding)).to(yi.dtype)
             y = yi if y is None else y + yi
         return self._correct(y, 1)
