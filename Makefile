@@ -6,7 +6,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast bench weights clean
+.PHONY: setup demo test test-fast bench weights scalelong clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -27,11 +27,15 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+## the ScaleLong training experiment (docs/scalelong/summary.json; about an hour on one CPU thread)
+scalelong: setup
+	$(PY) -m accel.miniature.scalelong_experiment --summary docs/scalelong/summary.json
+
 ## regenerate docs/BENCHMARKS.md
 bench: setup
 	$(VENV)/bin/accel bench --out docs/BENCHMARKS.md
 
-## retrain the miniature world from scratch (about an hour on one CPU thread; resumable)
+## retrain the miniature world from scratch (about 3 hours on one CPU thread per stage; resumable)
 weights: setup
 	$(PY) -m accel.miniature.train tokenizer
 	$(PY) -m accel.miniature.train vae

@@ -400,8 +400,9 @@ def asdm_section(mini, args, dc: list) -> str:
                                 [accel.FeatureCache(interval=3), accel.Quantize(mode="dynamic"),
                                  accel.Inherit(targets=attn, granularity="layer", every=2)], inherit_cal)]
     methods += [deepcache(i, 0) for i in (2, 3)] if dc else [accel_cache(i, 0) for i in (2, 3)]
-    methods += [with_calibration(f"CacheQuant DP + DEC ({budget} full)",
-                                 accel.FeatureCache(schedule="calibrated", budget=budget, correction="dec"), cache_cal)]
+    methods += [with_calibration(f"CacheQuant DP + DEC-mean ({budget} full)",
+                                 accel.FeatureCache(schedule="calibrated", budget=budget, correction="dec-mean"),
+                                 cache_cal)]
     base_flops = pipeline_flops(mini, baseline(), 50, 8)
     ideal = {m.name: base_flops / pipeline_flops(mini, m, 50, 8) for m in methods}
     times = time_methods(mini, methods, 50, 8, args.repeats, progress=not args.quiet)
@@ -494,7 +495,9 @@ def run(args) -> str:
                 methods += [deepcache(i, 0)]
             methods += [with_calibration(f"DP ({k} full)", accel.FeatureCache(schedule="calibrated", budget=k), calib),
                         with_calibration(f"DP + DEC ({k} full)", accel.FeatureCache(schedule="calibrated", budget=k,
-                                                                                     correction="dec"), calib)]
+                                                                                     correction="dec"), calib),
+                        with_calibration(f"DP + DEC-mean ({k} full; cachequant-dp)", accel.FeatureCache(
+                            schedule="calibrated", budget=k, correction="dec-mean"), calib)]
         out.append(f"## Caching quality on the miniature ({len(prompts)} held-out prompts, 50 steps = {n} UNet calls "
                    f"(PNDM), cfg 7.5, seeds {args.seed}..{args.seed + len(prompts) - 1}, CLIP: miniature-clip)\n")
         out.append("Δ CLIP is the mean paired difference to the baseline image of the same seed ± its s.e.m.; "

@@ -89,8 +89,8 @@ class CacheCalibration:
             lo, hi = 1, self.n
         return schedules.dp_schedule(C, k, lo, hi)[0]
 
-    def dec(self, full_calls: list[int]) -> CacheDEC:
-        return CacheDEC(*coefficients(self.moments, full_calls))
+    def dec(self, full_calls: list[int], gain: bool = True) -> CacheDEC:
+        return CacheDEC(*coefficients(self.moments, full_calls, gain))
 
 
 class QuantCalibration:

@@ -41,6 +41,12 @@ def test_dec_is_per_channel_least_squares():
     assert torch.equal(a[full], torch.ones(2, c, dtype=torch.float64)) and (b_[full] == 0).all()
     d = st["dist"]
     assert d[1, 0].item() == pytest.approx((feats[1] - feats[0]).abs().sum().item(), rel=1e-6)
+    # the mean-only variant: unit gain, the per-channel mean shift from the kept call
+    a, b_ = coefficients(m, full, gain=False)
+    assert torch.equal(a, torch.ones_like(a))
+    for t, j in [(1, 0), (2, 0), (4, 3)]:
+        shift = (feats[t] - feats[j]).double().mean(dim=(0, 2, 3))
+        torch.testing.assert_close(b_[t], shift, rtol=1e-6, atol=1e-8)  # float32 features, float64 sums
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +78,8 @@ def test_calibrated_schedule_and_dec_run(calibrated):
     errs = {}
     for name, t in {"uniform": accel.FeatureCache(interval=3),
                     "dp": accel.FeatureCache(schedule="calibrated"),
-                    "uniform+dec": accel.FeatureCache(interval=3, correction="dec")}.items():
+                    "uniform+dec": accel.FeatureCache(interval=3, correction="dec"),
+                    "uniform+dec-mean": accel.FeatureCache(interval=3, correction="dec-mean")}.items():
         with accel.apply(pipe, t, calibration=path):
             out = pipe(**pipe_inputs("sd", **kw)).images
         errs[name] = ((out - base) ** 2).mean().item()

@@ -57,8 +57,9 @@ class FeatureCache(Transform):
             non-uniform schedule; with ``interval`` it sets the number of full calls), or ``"calibrated"``
             (the DP schedule stored in a calibration, see ``accel calibrate``).
         branch: DeepCache's ``cache_branch_id`` (0 = shallowest, fastest).
-        correction: ``"dec"`` applies CacheQuant's per-channel cache-error correction from the
-            calibration; ``None`` reuses features as they are.
+        correction: ``"dec"`` applies CacheQuant's per-channel cache-error correction ``a_t h + b_t`` from the
+            calibration, ``"dec-mean"`` its mean-only variant (``h + b_t``, ours: better on the miniature);
+            ``None`` reuses features as they are.
         budget: with ``schedule="calibrated"``, the number of full calls (default: the calibrated budget);
             one calibration serves every budget.
     """
@@ -86,8 +87,8 @@ class FeatureCache(Transform):
             self.schedule = schedules.validate(self.schedule, None)
         if self.budget is not None and (self.schedule != "calibrated" or self.budget < 1):
             raise ValueError("budget=K (K >= 1) goes with schedule='calibrated'")
-        if self.correction not in (None, "dec"):
-            raise ValueError(f"correction {self.correction!r}: use None or 'dec'")
+        if self.correction not in (None, "dec", "dec-mean"):
+            raise ValueError(f"correction {self.correction!r}: use None, 'dec' or 'dec-mean'")
         self._full, self._plan, self._correction, self._calib, self._dec = True, None, None, None, None
         self._shape = None
 
@@ -111,13 +112,13 @@ class FeatureCache(Transform):
             full = self.full_calls(clock.total)
             self._plan = set(full) if full is not None else None
             self._shape = clock.batch_shape
-            if self.correction == "dec":
+            if self.correction is not None:
                 self._calib.check_calls(clock.total)
                 key = tuple(full) if full is not None else None
                 if key not in self._dec_cache:
                     if key is None:
-                        raise ValueError("correction='dec' needs the number of UNet calls: apply to the pipeline")
-                    self._dec_cache[key] = self._calib.dec(full)
+                        raise ValueError(f"correction={self.correction!r} needs the number of UNet calls: apply to the pipeline")
+                    self._dec_cache[key] = self._calib.dec(full, gain=self.correction == "dec")
                 self._dec = self._dec_cache[key]
         if self._plan is None:
             self._full = clock.step % self.interval == 0
@@ -136,9 +137,9 @@ class FeatureCache(Transform):
         if not 0 <= self.branch < n:
             raise ValueError(f"branch {self.branch} out of range 0..{n - 1} for this UNet")
         self._dec, self._dec_cache = None, {}
-        if self.schedule == "calibrated" or self.correction == "dec":
+        if self.schedule == "calibrated" or self.correction is not None:
             if ctx.calibration is None:
-                raise CalibrationError("FeatureCache(schedule='calibrated' or correction='dec') needs a "
+                raise CalibrationError("FeatureCache(schedule='calibrated' or a correction) needs a "
                                        "calibration: run `accel calibrate` and pass calibration=DIR")
             self._calib = ctx.calibration.cache(self.branch, self.budget)
         units, boundary = cached_units(ctx.unet, self.branch)

@@ -7,6 +7,11 @@ full call ``j``) instead of the true ``F_t``. Per channel ``c``, over batch x H 
     b_t[c] = mean(F_t,c) - a_t[c] * mean(X_c)
     h      = a_t * h_cached + b_t              (full calls: a = 1, b = 0)
 
+Mean-only variant (ours, ``correction="dec-mean"``): ``a_t = 1``, ``b_t = mean(F_t) - mean(X)``. The least-squares
+gain ``a_t < 1`` pulls every sample's cached feature towards the calibration mean: optimal for the feature's MSE on
+the uncached calibration trajectories, but on the miniature it lowered the final images' PSNR at long cache
+groups, where the mean shift alone raised it (docs/BENCHMARKS.md compares both).
+
 Everything needed for *any* schedule is in a few moments per call and channel, collected once on
 uncached trajectories: ``E[F_i]``, ``E[F_i^2]`` and the cross moments ``E[F_j F_t]`` (see
 :class:`Moments`), so one calibration serves every budget.
@@ -32,8 +37,11 @@ class Moments:
     cross: torch.Tensor  # (N, N, C)
 
 
-def coefficients(m: Moments, full_calls: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a, b)``, each ``(N, C)``: the DEC coefficients of every call for a schedule (a=1, b=0 on full calls)."""
+def coefficients(m: Moments, full_calls: list[int], gain: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)``, each ``(N, C)``: the DEC coefficients of every call for a schedule (a=1, b=0 on full calls).
+
+    ``gain=False`` is the mean-only variant (``correction="dec-mean"``): ``a = 1``, ``b_t = E[F_t] - E[X]``.
+    """
     n, c = m.mean.shape
     a = torch.ones(n, c, dtype=torch.float64)
     b = torch.zeros(n, c, dtype=torch.float64)
@@ -43,9 +51,10 @@ def coefficients(m: Moments, full_calls: list[int]) -> tuple[torch.Tensor, torch
         if t in full:
             j = t
             continue
-        var_x = (m.sq[j] - m.mean[j] ** 2).clamp_min(EPS)
-        cov = m.cross[j, t] - m.mean[j] * m.mean[t]
-        a[t] = cov / var_x
+        if gain:
+            var_x = (m.sq[j] - m.mean[j] ** 2).clamp_min(EPS)
+            cov = m.cross[j, t] - m.mean[j] * m.mean[t]
+            a[t] = cov / var_x
         b[t] = m.mean[t] - a[t] * m.mean[j]
     return a, b
 
