@@ -511,10 +511,11 @@ def run(args) -> str:
         prompts = miniature.prompts(args.num_prompts, seed=args.seed)
         k10 = calib.meta["cache"]["budget"]
         methods = [baseline(),
-                   with_calibration("W8A8 (static, calibrated; asymmetric activations: w8a8)",
-                                    accel.Quantize(mode="static"), calib),
-                   with_calibration("W8A8 (static, calibrated; symmetric activations)",
-                                    accel.Quantize(mode="static", act_scheme="symmetric"), calib),
+                   with_calibration("W8A8 static: range-centred, full range (w8a8)", accel.Quantize(mode="static"), calib),
+                   with_calibration("W8A8 static: symmetric, full range", accel.Quantize(mode="static", act_scheme="symmetric"),
+                                    calib),
+                   with_calibration("W8A8 static: symmetric, MSE clip search (the paper's)",
+                                    accel.Quantize(mode="static", act_scheme="symmetric", act_clip="mse"), calib),
                    with_calibration("W8A8 (dynamic)", accel.Quantize(mode="dynamic"), calib),
                    with_calibration(f"naive: uniform i5 + W8A8, no DEC", [accel.FeatureCache(interval=5),
                                                                          accel.Quantize(mode="static")], calib),

@@ -187,12 +187,13 @@ class _DecRecorder(ModelHook):
 
 def collect_quant(pipe, quant, cache, calib: Calibration, prompts, steps, n_calls, seed=0, guidance=7.5,
                   batch_size=4, progress=True, per_call: int = 1024) -> dict:
-    """Activation scales per layer and call (MSE search on inputs sampled on the uncached float trajectory, so
-    every layer has a scale at every call and one calibration serves W8A8 with or without the cache), then,
+    """Activation quantizers per layer and call, measured on the uncached float trajectory (so every layer has
+    one at every call and one calibration serves W8A8 with or without the cache): symmetric and range-centred,
+    each from the full range and from CacheQuant's MSE clip search on sampled inputs, then,
     if asked, the quantization DEC of the layers that consume the cached feature, measured with the cache
     and the quantized model active. Returns the ``quant.*`` tensors."""
     from .api import apply
-    from .transforms.quantize import QConv2d, _split_point, mse_scale
+    from .transforms.quantize import QConv2d, _split_point, mse_scale, range_scale
 
     unet, _ = resolve(pipe)
     layers = quant.selected(unet)
@@ -212,18 +213,19 @@ def collect_quant(pipe, quant, cache, calib: Calibration, prompts, steps, n_call
             hooks.detach(m, REC_HOOK, root=unet)
         hooks.release_clock(unet)
     tensors = {}
-    for path, rec in tqdm(recs.items(), desc="MSE scale search", disable=not progress):
+    for path, rec in tqdm(recs.items(), desc="activation scales", disable=not progress):
         parts = 1 + max((k[1] for k in rec.lo), default=0)
-        sym, asym, shift = (torch.full((n_calls, parts), float("nan")) for _ in range(3))
+        t = {k: torch.full((n_calls, parts), float("nan")) for k in ("sym", "asym", "sym_mse", "asym_mse", "shift")}
         for (step, i), lo in rec.lo.items():
             hi, x = rec.hi[(step, i)], torch.cat(rec.samples[(step, i)])
-            sym[step, i] = mse_scale(x, max(-lo, hi))
-            shift[step, i] = (hi + lo) / 2  # the range's centre (the range always includes 0)
-            asym[step, i] = mse_scale(x - shift[step, i], (hi - lo) / 2)
-        if torch.isnan(sym).any():
+            m, half, amax = (hi + lo) / 2, (hi - lo) / 2, max(-lo, hi)  # the range always includes 0
+            t["shift"][step, i] = m
+            t["sym"][step, i], t["asym"][step, i] = range_scale(amax), range_scale(half)
+            t["sym_mse"][step, i], t["asym_mse"][step, i] = mse_scale(x, amax), mse_scale(x - m, half)
+        if torch.isnan(t["sym"]).any():
             raise RuntimeError(f"layer {path} did not run at every UNet call during calibration")
-        tensors[f"quant.scale_sym.{path}"], tensors[f"quant.scale_asym.{path}"] = sym, asym
-        tensors[f"quant.shift.{path}"] = shift
+        for k, v in t.items():
+            tensors[f"quant.{'shift' if k == 'shift' else 'scale_' + k}.{path}"] = v
     if quant.correction == "dec" and cache is not None:
         calib = Calibration(calib.meta, {**calib.tensors, **tensors})
         q = type(quant)(**{**quant.to_dict_fields(), "correction": None, "mode": "static"})

@@ -99,12 +99,13 @@ class QuantCalibration:
     def __init__(self, calib: "Calibration"):
         self.calib = calib
 
-    def scales(self, path: str, parts: int, asymmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(scales, shifts)`` per call and input part for a layer; the calibration holds both schemes."""
-        kind = "asym" if asymmetric else "sym"
+    def scales(self, path: str, parts: int, asymmetric: bool = True,
+               clip: str = "range") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(scales, shifts)`` per call and input part for a layer; the calibration holds every scheme."""
+        kind = ("asym" if asymmetric else "sym") + ("_mse" if clip == "mse" else "")
         t = self.calib.tensors.get(f"quant.scale_{kind}.{path}")
         if t is None or t.shape[1] != parts:
-            raise CalibrationError(f"the calibration has no {kind}metric activation scales for layer {path!r}: it "
+            raise CalibrationError(f"the calibration has no {kind} activation scales for layer {path!r}: it "
                                    "was made for another model or quantization setting; recalibrate")
         shift = self.calib.tensors[f"quant.shift.{path}"].float() if asymmetric else None
         return t.float(), shift

@@ -70,6 +70,11 @@ def quantize_weight(w: torch.Tensor, symmetric: bool = True, search: bool = True
     return q.to(torch.int8).reshape(w.shape), s.float(), (None if z is None else z.to(torch.int8))
 
 
+def range_scale(absmax: float) -> float:
+    """The scale that maps ``[-absmax, absmax]`` onto int8 without clipping."""
+    return absmax / 127 if absmax > 0 else 1.0
+
+
 def mse_scale(samples: torch.Tensor, absmax: float) -> float:
     """Symmetric per-tensor activation scale minimising the MSE on ``samples`` (CacheQuant's MSE search)."""
     if absmax <= 0:
@@ -130,7 +135,7 @@ class _QBase(nn.Module):
                                        f"UNet calls, this is call {step + 1}: recalibrate for this step count")
             shift = float(self.act_shifts[step, i]) if self.act_shifts is not None and self.owner.act_asymmetric else 0.0
             return float(self.act_scales[step, i]), shift
-        x = x.detach()
+        x = x.detach()  # dynamic: the tensor's own range
         if self.owner.act_asymmetric:
             lo, hi = x.amin().item(), x.amax().item()
             shift, amax = (hi + lo) / 2, (hi - lo) / 2
@@ -230,6 +235,8 @@ class Quantize(Transform):
         weight_scheme: ``"asymmetric"`` (CacheQuant) or ``"symmetric"`` per output channel.
         act_scheme: per-tensor activation quantizers centred on their range (``"asymmetric"``) or on zero
             (``"symmetric"``).
+        act_clip: static scales from the calibrated range (``"range"``) or CacheQuant's MSE clip search on
+            sampled inputs (``"mse"``; on the miniature it clipped outliers that matter: worse).
         mode: ``"static"`` (per-call scales from a calibration) or ``"dynamic"``; ``None``: static when the
             calibration has scales, else dynamic.
         backend: ``None`` (by device), ``"reference"`` or ``"triton"``.
@@ -245,6 +252,7 @@ class Quantize(Transform):
     activations: int = 8
     weight_scheme: str = "asymmetric"
     act_scheme: str = "asymmetric"
+    act_clip: str = "range"
     mode: str | None = None
     backend: str | None = None
     exclude: list = field(default_factory=list)
@@ -263,6 +271,8 @@ class Quantize(Transform):
             raise ValueError("weight_scheme must be 'symmetric' or 'asymmetric'")
         if self.act_scheme not in ("symmetric", "asymmetric"):
             raise ValueError("act_scheme must be 'symmetric' or 'asymmetric'")
+        if self.act_clip not in ("range", "mse"):
+            raise ValueError("act_clip must be 'range' or 'mse'")
         if self.mode not in (None, "static", "dynamic"):
             raise ValueError("mode must be 'static', 'dynamic' or None")
         if self.backend not in (None, "reference", "triton"):
@@ -278,7 +288,7 @@ class Quantize(Transform):
 
     def to_dict_fields(self) -> dict:
         """Constructor arguments (incl. ``filter_fn``) to build a copy."""
-        return {k: getattr(self, k) for k in ("weights", "activations", "weight_scheme", "act_scheme", "mode", "backend",
+        return {k: getattr(self, k) for k in ("weights", "activations", "weight_scheme", "act_scheme", "act_clip", "mode", "backend",
                                                "exclude", "split_shortcut", "clip_search", "correction", "filter_fn")}
 
     @property
@@ -321,7 +331,7 @@ class Quantize(Transform):
             q = QLinear(self, path, m) if isinstance(m, nn.Linear) else QConv2d(self, path, m, split)
             q.to(m.weight.device)
             if qcal is not None:
-                q.act_scales, q.act_shifts = qcal.scales(path, q.parts, self.act_asymmetric)
+                q.act_scales, q.act_shifts = qcal.scales(path, q.parts, self.act_asymmetric, self.act_clip)
                 if self.correction == "dec":
                     q.dec = qcal.dec(path)
             self._originals[path] = m
