@@ -260,14 +260,18 @@ def cost_table(pipe, latent, n_calls, intervals=(3, 5)) -> str:
 
 # ----------------------------------------------------------------------------------- quality
 def quality_rows(pipe, methods: list[Method], prompts: list[str], steps: int, clip="miniature", seed=0,
-                 progress=True) -> tuple[str, dict]:
+                 progress=True, guidance: float | None = None) -> tuple[str, dict]:
+    """CLIP score, judge, PSNR / SSIM / latent MSE of each method against the first (the baseline); guidance
+    defaults to the miniature's recommended scale."""
     from accel.eval import CLIPScorer, latent_mse, psnr, ssim
     from accel.eval.judge import judge
     from accel.eval.runner import GenerationSettings, generate, mean_and_sem
     from accel.miniature import parse_caption
 
     scorer = CLIPScorer(clip)
-    settings = GenerationSettings(steps=steps, seed=seed, batch_size=8)
+    from accel.miniature import GUIDANCE
+
+    settings = GenerationSettings(steps=steps, seed=seed, batch_size=8, guidance=GUIDANCE if guidance is None else guidance)
     attrs = [parse_caption(p) for p in prompts]
     results, base = {}, None
     for m in methods:
@@ -374,11 +378,14 @@ def asdm_section(mini, args, dc: list) -> str:
     speedup (FLOPs counted over whole pipeline calls), measured speedup (interleaved), CLIP delta and PSNR."""
     import accel
     from accel.calibrate import calibrate
+    from accel.miniature import GUIDANCE
 
     n = _calls(mini, 50)
     budget = len(range(0, n, 2))
-    inherit_cal = calibrate(mini, "asdm-calibrated", steps=50, budget=budget, progress=not args.quiet)
-    cache_cal = calibrate(mini, "cachequant-dp", steps=50, budget=budget, progress=not args.quiet)
+    inherit_cal = calibrate(mini, "asdm-calibrated", steps=50, budget=budget, guidance=GUIDANCE,
+                            progress=not args.quiet)
+    cache_cal = calibrate(mini, "cachequant-dp", steps=50, budget=budget, guidance=GUIDANCE,
+                          progress=not args.quiet)
 
     def inherit(label, **kw):
         return with_calibration(label, accel.Inherit(**kw), inherit_cal)
@@ -437,6 +444,7 @@ def machine_line() -> str:
 def run(args) -> str:
     import accel
     from accel import miniature
+    from accel.miniature import GUIDANCE
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -479,8 +487,9 @@ def run(args) -> str:
         from accel.calibrate import calibrate
 
         budget10 = len(range(0, _calls(mini, 50), 5))
-        calib = calibrate(mini, "cachequant-w8a8", steps=50, budget=budget10, progress=not args.quiet)
-        out.append(f"## Calibration\n\n`calibrate(miniature, 'cachequant-w8a8', steps=50, budget={budget10})` on "
+        calib = calibrate(mini, "cachequant-w8a8", steps=50, budget=budget10, guidance=GUIDANCE,
+                          progress=not args.quiet)
+        out.append(f"## Calibration\n\n`calibrate(miniature, 'cachequant-w8a8', steps=50, budget={budget10}, guidance={GUIDANCE})` on "
                    f"{calib.meta['prompts']['count']} prompts (cache statistics, activation scales of "
                    f"{calib.meta['quant']['layers']} layers, quantization DEC): **{calib.meta['seconds']:.1f} s** on one "
                    "CPU thread. DP schedule at this budget: " + str(calib.meta["cache"]["schedule"]) + "\n")
@@ -499,7 +508,7 @@ def run(args) -> str:
                         with_calibration(f"DP + DEC-mean ({k} full; cachequant-dp)", accel.FeatureCache(
                             schedule="calibrated", budget=k, correction="dec-mean"), calib)]
         out.append(f"## Caching quality on the miniature ({len(prompts)} held-out prompts, 50 steps = {n} UNet calls "
-                   f"(PNDM), cfg 7.5, seeds {args.seed}..{args.seed + len(prompts) - 1}, CLIP: miniature-clip)\n")
+                   f"(PNDM), cfg {GUIDANCE} (the miniature's recommended scale), seeds {args.seed}..{args.seed + len(prompts) - 1}, CLIP: miniature-clip)\n")
         out.append("Δ CLIP is the mean paired difference to the baseline image of the same seed ± its s.e.m.; "
                    "the baseline's own ± is the seed-to-seed standard error of its CLIP score. Budgets are the "
                    "uniform schedule's numbers of full calls at DeepCache intervals 2, 3, 5, 7.\n")

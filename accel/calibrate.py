@@ -351,7 +351,8 @@ def add_parser(sub):
     p.add_argument("--num-prompts", type=int, help="use this many prompts (cycled)")
     p.add_argument("--unconstrained", action="store_true", help="no group-length bounds in the DP")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 3.0 for the miniature, "
+                   "7.5 otherwise; calibrate at the scale you generate with)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--out", required=True, help="calibration folder to write")
     p.add_argument("--device", default="cpu")
@@ -373,7 +374,9 @@ def cmd_calibrate(args):
         prompts = load_prompts(args.prompts, args.num_prompts, seed=args.seed)
         source = str(args.prompts)
     pipe = load_model(args.model, args.device)
-    calib = calibrate(pipe, args.recipe, prompts, args.steps, args.budget, args.seed, args.guidance,
+    from .cli import default_guidance
+
+    calib = calibrate(pipe, args.recipe, prompts, args.steps, args.budget, args.seed, default_guidance(args),
                       args.batch_size, not args.unconstrained, source)
     if state().is_main_process:
         calib.save(args.out)

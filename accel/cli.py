@@ -54,7 +54,16 @@ def _settings(args):
         raise UsageError("--steps must be >= 1")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
-    return GenerationSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)
+    return GenerationSettings(steps=args.steps, guidance=default_guidance(args), seed=args.seed, batch_size=args.batch_size)
+
+
+def default_guidance(args) -> float:
+    """``--guidance``, else the model's recommended scale: the miniature's (3.0), diffusers' 7.5 otherwise."""
+    if args.guidance is not None:
+        return args.guidance
+    from accel import miniature
+
+    return miniature.GUIDANCE if args.model in (None, "miniature") else 7.5
 
 
 def cmd_generate(args):
@@ -106,7 +115,8 @@ def _common(p, num_images_default=None):
     p.add_argument("--prompts", type=Path, help="text file, one prompt per line (default: miniature captions)")
     p.add_argument("--num-images", type=int, default=num_images_default, help="number of images")
     p.add_argument("--steps", type=int, default=50, help="inference steps (default 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 3.0 for the miniature, "
+                   "its recommended scale; 7.5 otherwise)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i (default 0)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--clip", default="miniature",

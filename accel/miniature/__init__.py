@@ -21,10 +21,14 @@ WEIGHTS = Path(__file__).parent / "weights"
 PIPELINE_DIR = WEIGHTS / "pipeline"
 CLIP_DIR = WEIGHTS / "clip"
 CLIP_NAME = f"local-dir:{CLIP_DIR}"
+# The miniature's recommended classifier-free guidance scale (as model cards recommend one). Its small UNet
+# over-saturates colours at diffusers' default 7.5 (red drifts to orange): `python -m accel.miniature.check`
+# reports both. accel's CLI, benchmarks and notebooks use this value for the miniature.
+GUIDANCE = 3.0
 
 __all__ = ["load_pipeline", "load_clip", "caption", "parse_caption", "sample", "stream", "render", "prompts",
            "Attributes", "ATTRIBUTES", "SHAPES", "COLOURS", "SIZES", "POSITIONS", "BACKGROUNDS",
-           "PIPELINE_DIR", "CLIP_DIR", "CLIP_NAME"]
+           "PIPELINE_DIR", "CLIP_DIR", "CLIP_NAME", "GUIDANCE"]
 
 
 def _check(path: Path):
