@@ -29,7 +29,9 @@ def clip_zero_shot(n: int = 500, seed: int = 0) -> dict:
 def generation(n: int = 100, seed: int = 0, guidance: float | None = None, steps: int = 50) -> dict:
     from accel import miniature
 
-    guidance = miniature.GUIDANCE if guidance is None else guidance    from accel.eval.runner import GenerationSettings, evaluate
+    from accel.eval.runner import GenerationSettings, evaluate
+
+    guidance = miniature.GUIDANCE if guidance is None else guidance
 
     prompts = miniature.prompts(n, seed=seed + 1)
     rep = evaluate(miniature.load_pipeline(), prompts, GenerationSettings(steps=steps, guidance=guidance, seed=seed,
