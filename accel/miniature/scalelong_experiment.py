@@ -43,7 +43,7 @@ def train_one(out: Path, kind: str, seed: int, steps: int, batch: int, snapshot_
     return d
 
 
-def quality(snapshot: Path, prompts: list[str], steps: int) -> dict:
+def quality(snapshot: Path, prompts: list[str], steps: int, guidance: float) -> dict:
     from transformers import CLIPTextModel
 
     from accel.eval.runner import GenerationSettings, evaluate
@@ -53,7 +53,7 @@ def quality(snapshot: Path, prompts: list[str], steps: int) -> dict:
     pipe = load_pipeline()
     unet, handle = ScaleLong.from_pretrained(snapshot / "unet")
     pipe.unet, pipe.text_encoder = unet, CLIPTextModel.from_pretrained(snapshot / "text_encoder")
-    rep = evaluate(pipe, prompts, GenerationSettings(steps=steps, guidance=7.5, seed=0, batch_size=8), progress=False)
+    rep = evaluate(pipe, prompts, GenerationSettings(steps=steps, guidance=guidance, seed=0, batch_size=8), progress=False)
     handle.remove()
     return {"clip_score": rep["clip_score"], "clip_score_sem": rep["clip_score_sem"],
             "judged_correct": rep["judged_correct"]}
@@ -63,7 +63,7 @@ def _downsample(values: list[float], every: int) -> list[float]:
     return [statistics.fmean(values[i:i + every]) for i in range(0, len(values), every)]
 
 
-def summarise_run(d: Path, prompts: list[str], sample_steps: int, window: int) -> dict:
+def summarise_run(d: Path, prompts: list[str], sample_steps: int, guidance: float, window: int) -> dict:
     log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
     loss = [r["loss"] for r in log]
     grad = [r["grad_norm"] for r in log]
@@ -73,7 +73,7 @@ def summarise_run(d: Path, prompts: list[str], sample_steps: int, window: int) -
     qual = json.loads(qual_file.read_text()) if qual_file.exists() else {}
     for s in snaps:
         if s.name not in qual:
-            qual[s.name] = quality(s, prompts, sample_steps)
+            qual[s.name] = quality(s, prompts, sample_steps, guidance)
             qual_file.write_text(json.dumps(qual, indent=1))
     # the loss's spread around its own moving average: the instability the paper speaks of
     smooth = _downsample(loss, window)
@@ -123,6 +123,7 @@ def main(argv=None):
     p.add_argument("--snapshot-every", type=int, default=200)
     p.add_argument("--prompts", type=int, default=16, help="held-out prompts generated per snapshot")
     p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance of the snapshot samples (default 7.5)")
     p.add_argument("--window", type=int, default=20, help="steps per point of the downsampled curves")
     p.add_argument("--out", type=Path, default=train.RUNS.parent / "scalelong")
     p.add_argument("--summary", type=Path, help="where to write summary.json (default OUT/summary.json)")
@@ -136,7 +137,7 @@ def main(argv=None):
     for seed in a.seeds:
         for kind in a.kinds:
             d = train_one(a.out, kind, seed, a.steps, a.batch, a.snapshot_every, a.kappa)
-            runs[d.name] = {"kind": kind, "seed": seed} | summarise_run(d, prompts, a.sample_steps, a.window)
+            runs[d.name] = {"kind": kind, "seed": seed} | summarise_run(d, prompts, a.sample_steps, a.guidance, a.window)
     summary = {"command": "python -m accel.miniature.scalelong_experiment " + " ".join(argv),
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                "aggregate": aggregate(runs), "runs": runs}
