@@ -58,7 +58,7 @@ class FeatureCache(Transform):
             (the DP schedule stored in a calibration, see ``accel calibrate``).
         branch: DeepCache's ``cache_branch_id`` (0 = shallowest, fastest).
         correction: ``"dec"`` applies CacheQuant's per-channel cache-error correction ``a_t h + b_t`` from the
-            calibration, ``"dec-mean"`` its mean-only variant (``h + b_t``, ours: better on the miniature);
+            calibration, ``"dec-mean"`` its mean-only variant (``h + b_t``, ours: more conservative);
             ``None`` reuses features as they are.
         budget: with ``schedule="calibrated"``, the number of full calls (default: the calibrated budget);
             one calibration serves every budget.
