@@ -15,14 +15,11 @@ GPU figures are never produced here: there is no GPU on the machines this runs o
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -579,11 +576,9 @@ def add_parser(sub):
 
 def main_args(args):
     args.command_line = "accel bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "accel bench"
+    from .fileio import write_text_atomic
+
     text = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    out = write_text_atomic(args.out, text)
     print(text)
     print(f"\nwritten: {out}")

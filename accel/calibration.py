@@ -69,12 +69,7 @@ class CacheCalibration:
         self.constrained = cache_meta.get("constrained", True)
 
     def check_calls(self, n: int | None):
-        if n is not None and n != self.n:
-            sched = self.calib.meta.get("scheduler", {})
-            raise CalibrationError(
-                f"this calibration was made for {self.n} UNet calls per pipeline call ({sched.get('steps')} steps "
-                f"of {sched.get('class')}) but this call makes {n}: recalibrate with `accel calibrate --steps ...` "
-                "for this step count")
+        self.calib.check_calls(self.n, n)
 
     def full_calls(self, n: int | None = None, budget: int | None = None) -> list[int]:
         """The DP schedule (CacheQuant's DPS) for ``budget`` full calls (default: the calibrated one)."""
@@ -136,19 +131,24 @@ class Calibration:
         if bool(meta.get("residual")) != bool(residual):
             raise CalibrationError(f"the calibration measured the targets' {'residuals' if meta.get('residual') else 'outputs'}"
                                    f", this Inherit inherits {'residuals' if residual else 'outputs'}; recalibrate")
-        D = sum(self.tensors[f"inherit.{p}.distance"].double() / self.tensors[f"inherit.{p}.distance"].double().mean().clamp_min(1e-30)
-                for p in paths)
+        dists = [self.tensors[f"inherit.{p}.distance"].double() for p in paths]
+        D = sum(d / d.mean().clamp_min(1e-30) for d in dists)
         N = D.shape[0]
-        if n is not None and n != N:
-            sched = self.meta.get("scheduler", {})
-            raise CalibrationError(f"this calibration was made for {N} UNet calls per pipeline call ({sched.get('steps')} "
-                                   f"steps of {sched.get('class')}) but this call makes {n}: recalibrate with "
-                                   "`accel calibrate --steps ...` for this step count")
+        self.check_calls(N, n)
         k = budget or meta.get("budget")
         if not k or not 1 <= k <= N:
             raise CalibrationError(f"Inherit budget {k} must be in 1..{N}")
         lo, hi = schedules.paper_bounds(N, k)
         return schedules.dp_schedule(schedules.group_cost(D=D.numpy()), k, lo, hi)[0]
+
+    def check_calls(self, calibrated: int, n: int | None):
+        """A clear error when a pipeline call makes ``n`` UNet calls and the calibration holds ``calibrated``."""
+        if n is not None and n != calibrated:
+            sched = self.meta.get("scheduler", {})
+            raise CalibrationError(
+                f"this calibration was made for {calibrated} UNet calls per pipeline call ({sched.get('steps')} steps "
+                f"of {sched.get('class')}) but this call makes {n}: recalibrate with `accel calibrate --steps ...` "
+                "for this step count")
 
     def quant(self) -> QuantCalibration | None:
         """The quantization statistics, or None if this calibration has none."""

@@ -56,10 +56,9 @@ class Recipe:
         return "\n".join(lines) + "\n"
 
     def save(self, path: str | os.PathLike):
-        p = Path(path)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(self.to_toml())
-        os.replace(tmp, p)
+        from .fileio import write_text_atomic
+
+        write_text_atomic(path, self.to_toml())
 
 
 def _toml_value(v) -> str:

@@ -155,11 +155,9 @@ def evaluate(pipe, prompts: list[str], settings: GenerationSettings, clip: str =
 
 def write_report(report: dict, path: str | os.PathLike):
     """Write the JSON report atomically (latents are not part of it)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps({k: v for k, v in report.items() if not k.startswith("_")}, indent=1))
-    os.replace(tmp, p)
+    from accel.fileio import write_text_atomic
+
+    write_text_atomic(path, json.dumps({k: v for k, v in report.items() if not k.startswith("_")}, indent=1))
 
 
 def table(report: dict) -> str:

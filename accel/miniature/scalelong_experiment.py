@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import write_text_atomic
 from . import train
 
 KINDS = ("none", "cs", "ls", "sqrt2")
@@ -141,11 +142,7 @@ def main(argv=None):
     summary = {"command": "python -m accel.miniature.scalelong_experiment " + " ".join(argv),
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                "aggregate": aggregate(runs), "runs": runs}
-    path = a.summary or a.out / "summary.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=1, allow_nan=False))
-    tmp.replace(path)
+    path = write_text_atomic(a.summary or a.out / "summary.json", json.dumps(summary, indent=1, allow_nan=False))
     for kind, agg in summary["aggregate"].items():
         print(kind, json.dumps({k: (round(v["mean"], 4), round(v["sd"], 4)) if isinstance(v, dict) else v
                                 for k, v in agg.items()}))

@@ -137,7 +137,7 @@ class Inherit(Transform):
                 raise ValueError("window must be (start, end) with 0 <= start < end")
         if self.steps is not None:
             self.steps = sorted({int(s) for s in self.steps})
-        self._inherit, self._shape, self._calib, self._runs = False, None, None, None
+        self._inherit, self._shape, self._calib, self._runs, self._schedules = False, None, None, None, {}
 
     def inherits_at(self, step: int) -> bool:
         if step == 0:
@@ -153,8 +153,10 @@ class Inherit(Transform):
         return step in self.steps
 
     def run_calls(self, n: int) -> list[int]:
-        """The calls (of ``n``) at which the targets run with the calibrated schedule."""
-        return self._calib.inherit_schedule(list(self._hooks), n, self.residual, self.budget)
+        """The calls (of ``n``) at which the targets run with the calibrated schedule (computed once per ``n``)."""
+        if n not in self._schedules:
+            self._schedules[n] = self._calib.inherit_schedule(list(self._hooks), n, self.residual, self.budget)
+        return self._schedules[n]
 
     def _on_tick(self, clock):
         if clock.step == 0:
@@ -184,7 +186,7 @@ class Inherit(Transform):
         for path, m in self.matched(ctx.unet).items():
             attach(m, _InheritHook(self, path), self.hook_name, root=ctx.unet)
             self._hooks[path] = m
-        self._inherit, self._shape, self._runs = False, None, None
+        self._inherit, self._shape, self._runs, self._schedules = False, None, None, {}
         if self._calib is not None:
             self._calib.inherit_schedule(list(self._hooks), None, self.residual, self.budget)  # fail early
         ctx.clock.add_listener(self.hook_name, self._on_tick)
