@@ -72,11 +72,30 @@ class CacheCalibration:
         self.calib.check_calls(self.n, n)
 
     def full_calls(self, n: int | None = None, budget: int | None = None) -> list[int]:
-        """The DP schedule (CacheQuant's DPS) for ``budget`` full calls (default: the calibrated one)."""
+        """The calibrated schedule for ``budget`` full calls (default: the calibrated budget): the refined one
+        if ``accel calibrate`` refined this budget (see :func:`accel.calibrate.refine_schedule`), else the DP's."""
         self.check_calls(n)
+        k = self._budget(budget)
+        refined = self.calib.tensors.get(f"cache.b{self.branch}.refined.{k}")
+        if refined is not None:
+            return schedules.validate(refined.tolist(), self.n)
+        return self.dp_calls(k)
+
+    def refined_budgets(self) -> list[int]:
+        pre = f"cache.b{self.branch}.refined."
+        return sorted(int(k[len(pre):]) for k in self.calib.tensors if k.startswith(pre))
+
+    def _budget(self, budget: int | None) -> int:
         k = budget or self.budget
         if not k:
             raise CalibrationError("no budget: give FeatureCache(budget=K) or calibrate with --budget K")
+        if not 1 <= k <= self.n:
+            raise CalibrationError(f"budget {k} must be in 1..{self.n} (UNet calls per pipeline call)")
+        return k
+
+    def dp_calls(self, budget: int | None = None) -> list[int]:
+        """The DP schedule (CacheQuant's DPS) on the calibrated feature distances, unrefined."""
+        k = self._budget(budget)
         C = schedules.group_cost(D=self.distance.numpy())
         if self.constrained:
             lo, hi = schedules.paper_bounds(self.n, k)

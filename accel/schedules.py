@@ -6,6 +6,8 @@ contains 0.
 * :func:`uniform`: every ``interval``-th call (DeepCache's ``cache_interval``).
 * :func:`quadratic`: DeepCache's non-uniform schedule, denser around a centre step.
 * :func:`dp_schedule`: CacheQuant's dynamic-programming schedule (DPS) on a feature-distance matrix.
+* :func:`refine`: local search from a schedule on a measured objective (what ``accel calibrate`` uses to
+  correct the DP schedule with the real effect of each choice on the final sample).
 """
 from __future__ import annotations
 
@@ -27,6 +29,17 @@ def uniform(n: int, interval: int) -> list[int]:
     if interval < 1:
         raise ValueError("interval must be >= 1")
     return list(range(0, n, interval))
+
+
+def even(n: int, k: int) -> list[int]:
+    """``k`` full calls spread evenly over ``n``: DeepCache's uniform schedule when an interval gives exactly
+    ``k`` calls (``uniform(n, ceil(n / k))``), else the rounded evenly spaced positions."""
+    if not 1 <= k <= n:
+        raise ValueError(f"budget of {k} full calls must be in 1..{n}")
+    s = uniform(n, math.ceil(n / k))
+    if len(s) == k:
+        return s
+    return validate([round(i * n / k) for i in range(k)], n)
 
 
 def quadratic(n: int, interval: int, center: int = 15, power: float = 1.4) -> list[int]:
@@ -100,3 +113,42 @@ def paper_bounds(n: int, k: int) -> tuple[int, int]:
     interval = n / k
     lo, hi = math.ceil(interval / 2), math.floor(2 * interval)
     return min(lo, n // k), max(hi, math.ceil(n / k))
+
+
+def refine(schedule, objective, n: int, max_evals: int = 200, tol: float = 0.0, progress=None) -> tuple[list[int], float, int]:
+    """Coordinate descent over the full calls' positions: move one full call (never call 0) one call earlier
+    or later, keep the move if ``objective(schedule)`` (lower is better) drops by more than ``tol``, until no single move helps
+    or ``max_evals`` objective evaluations were spent. Keeps the number of full calls.
+
+    The DP's group cost is a proxy (feature distances, summed as if independent); ``objective`` is meant
+    to be the measured thing itself (the final sample's error on calibration prompts), so the result is a
+    local optimum of the real criterion near the DP's answer, never worse than the start on the objective.
+    Returns ``(schedule, objective value, evaluations)``.
+    """
+    s = validate(schedule, n)
+    seen: dict[tuple, float] = {}
+
+    def f(c):
+        key = tuple(c)
+        if key not in seen:
+            seen[key] = float(objective(list(c)))
+            if progress is not None:
+                progress(len(seen))
+        return seen[key]
+
+    best = f(s)
+    improved = True
+    while improved and len(seen) < max_evals:
+        improved = False
+        for p in range(1, len(s)):
+            for d in (-1, 1):
+                c = list(s)
+                c[p] += d
+                if c[p] <= c[p - 1] or c[p] >= (c[p + 1] if p + 1 < len(c) else n):
+                    continue
+                if tuple(c) not in seen and len(seen) >= max_evals:
+                    continue
+                v = f(c)
+                if v < best - tol:
+                    s, best, improved = c, v, True
+    return s, best, len(seen)

@@ -68,7 +68,50 @@ def test_artifact_contents(calibrated):
     assert meta["prompts"]["count"] == 3
     c = Calibration.load(path, unet=pipe.unet, pipe=pipe)
     assert c.cache(0).full_calls(12) == meta["cache"]["schedule"]
+    assert c.cache(0).dp_calls(4) == meta["cache"]["dp_schedule"]
     assert len(c.cache(0).full_calls(12, budget=6)) == 6  # one calibration serves every budget
+    assert c.cache(0).full_calls(12, budget=6) == c.cache(0).dp_calls(6)  # not refined: the DP's
+    r = meta["cache"]["refined"]["4"]
+    assert c.cache(0).refined_budgets() == [4] and r["dp"] == meta["cache"]["dp_schedule"] and r["prompts"] == 3
+    assert r["error_db"] <= r["dp_error_db"] and r["evals"] >= 1
+
+
+def _latent_error_db(pipe, transform, path, steps=12):
+    """The refinement's objective, recomputed here from scratch on the calibration prompts and seeds."""
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
+    kw = dict(num_inference_steps=steps, guidance_scale=7.5, output_type="latent")
+    base = pipe(PROMPTS, generator=gens(), **kw).images.double()
+    with accel.apply(pipe, transform, calibration=path):
+        lat = pipe(PROMPTS, generator=gens(), **kw).images.double()
+    return (10 * torch.log10(((lat - base) ** 2).flatten(1).mean(1))).mean().item()
+
+
+def test_refined_schedule_lowers_the_measured_final_error(calibrated):
+    pipe, path = calibrated
+    meta = json.loads((path / "accel.json").read_text())
+    r = meta["cache"]["refined"]["4"]
+    refined = _latent_error_db(pipe, accel.FeatureCache(schedule="calibrated", correction="dec-mean"), path)
+    dp = _latent_error_db(pipe, accel.FeatureCache(schedule="dp", correction="dec-mean"), path)  # cachequant-dp's
+    assert refined == pytest.approx(r["error_db"], abs=1e-3) and dp == pytest.approx(r["dp_error_db"], abs=1e-3)
+    assert refined <= dp
+    with pytest.raises(ValueError, match="goes with schedule"):
+        accel.FeatureCache(interval=2, budget=3)
+
+
+def test_several_budgets_and_no_refinement(tokenizer_dir):
+    pipe = make_pipe("sd", tokenizer_dir, scheduler="DDIMScheduler")
+    calib = calibrate(pipe, "cachequant-dp", PROMPTS[:2], steps=10, budget=[3, 5], batch_size=2, progress=False,
+                      refine_evals=6)
+    c = calib.cache(0)
+    assert c.budget == 3 and c.refined_budgets() == [3, 5]
+    assert all(calib.meta["cache"]["refined"][k]["evals"] <= 12 for k in ("3", "5"))
+    assert len(c.full_calls(10, 5)) == 5 and calib.meta["cache"]["schedule"] == c.full_calls(10)
+    plain = calibrate(pipe, "cachequant-dp", PROMPTS[:2], steps=10, budget=3, batch_size=2, progress=False,
+                      refine=False)
+    assert "refined" not in plain.meta["cache"] and plain.cache(0).full_calls(10) == plain.cache(0).dp_calls(3)
+    assert plain.meta["cache"]["schedule"] == calib.meta["cache"]["dp_schedule"]  # same statistics, same DP
+    with pytest.raises(ValueError, match="budget"):
+        calibrate(pipe, "cachequant-dp", PROMPTS[:2], steps=10, budget=[3, 11], batch_size=2, progress=False)
 
 
 def test_calibrated_schedule_and_dec_run(calibrated):
@@ -176,7 +219,7 @@ def test_two_process_calibration_equals_one_process(tokenizer_dir, tmp_path):
     pipe = make_pipe("sd", tokenizer_dir, scheduler="DDIMScheduler")
     pipe.save_pretrained(tmp_path / "model")
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS + PROMPTS[:1]))
-    common = ["calibrate", str(tmp_path / "model"), "--steps", "8", "--budget", "3", "--batch-size", "1",
+    common = ["calibrate", str(tmp_path / "model"), "--steps", "8", "--budget", "3", "4", "--batch-size", "1",
               "--prompts", str(tmp_path / "prompts.txt")]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     subprocess.run([sys.executable, "-m", "accel", *common, "--out", str(tmp_path / "one")], check=True, env=env)
@@ -185,6 +228,6 @@ def test_two_process_calibration_equals_one_process(tokenizer_dir, tmp_path):
                 "--main_process_port", "29517", "-m", "accel"]
     subprocess.run([*launcher, *common, "--out", str(tmp_path / "two")], check=True, env=env)
     a, b = load_file(tmp_path / "one" / "calibration.safetensors"), load_file(tmp_path / "two" / "calibration.safetensors")
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and {"cache.b0.refined.3", "cache.b0.refined.4"} <= a.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -84,3 +84,37 @@ def test_paper_bounds_and_infeasible():
     assert schedules.paper_bounds(50, 10) == (3, 10)
     with pytest.raises(ValueError):
         schedules.dp_schedule(schedules.group_cost(F=np.zeros((10, 1))), 2, 1, 3)
+
+
+def _brute_local_min(s, f, n):
+    for p in range(1, len(s)):
+        for d in (-1, 1):
+            c = list(s)
+            c[p] += d
+            if c[p] > c[p - 1] and c[p] < (c[p + 1] if p + 1 < len(c) else n):
+                assert f(c) >= f(s), (s, c)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_refine_reaches_a_local_minimum_never_worse_than_its_start(seed):
+    rng = np.random.default_rng(seed)
+    n, k = 20, 5
+    w = rng.random(n) * 3
+    target = sorted([0] + list(rng.choice(np.arange(1, n), k - 1, replace=False)))
+    f = lambda s: float(sum(w[i] for i in range(n) if i not in s) + sum(abs(a - b) for a, b in zip(s, target)))
+    start = schedules.uniform(n, 4)
+    got, val, evals = schedules.refine(start, f, n)
+    assert got[0] == 0 and len(got) == k and got == sorted(set(got)) and got[-1] < n
+    assert val == f(got) <= f(start)
+    _brute_local_min(got, f, n)
+    assert evals <= 200
+
+
+def test_refine_finds_the_optimum_of_a_separable_objective_and_respects_the_budget_of_evaluations():
+    n, target = 30, [0, 4, 9, 20, 27]
+    f = lambda s: float(sum(abs(a - b) for a, b in zip(s, target)))
+    got, val, _ = schedules.refine([0, 6, 12, 18, 24], f, n)
+    assert got == target and val == 0.0
+    calls = []
+    got, val, evals = schedules.refine([0, 6, 12, 18, 24], lambda s: calls.append(1) or f(s), n, max_evals=5)
+    assert evals == len(calls) == 5 and val < f([0, 6, 12, 18, 24])

@@ -54,13 +54,15 @@ class FeatureCache(Transform):
     Args:
         interval: a full call every ``interval`` UNet calls (DeepCache's ``cache_interval``).
         schedule: explicit full-call indices (a list) or ``"uniform"`` / ``"quadratic"`` (DeepCache's
-            non-uniform schedule; with ``interval`` it sets the number of full calls), or ``"calibrated"``
-            (the DP schedule stored in a calibration, see ``accel calibrate``).
+            non-uniform schedule; with ``interval`` it sets the number of full calls), ``"calibrated"``
+            (the schedule ``accel calibrate`` chose: the DP's, refined on the final samples' error for the
+            budgets it was calibrated at) or ``"dp"`` (CacheQuant's DP schedule on the calibrated feature
+            distances, unrefined).
         branch: DeepCache's ``cache_branch_id`` (0 = shallowest, fastest).
         correction: ``"dec"`` applies CacheQuant's per-channel cache-error correction ``a_t h + b_t`` from the
             calibration, ``"dec-mean"`` its mean-only variant (``h + b_t``, ours: more conservative);
             ``None`` reuses features as they are.
-        budget: with ``schedule="calibrated"``, the number of full calls (default: the calibrated budget);
+        budget: with ``schedule="calibrated"`` or ``"dp"``, the number of full calls (default: the calibrated budget);
             one calibration serves every budget.
     """
 
@@ -78,15 +80,15 @@ class FeatureCache(Transform):
             raise ValueError("FeatureCache needs interval=N or schedule=[...] / 'quadratic' / 'calibrated'")
         if self.interval is not None and (not isinstance(self.interval, int) or self.interval < 1):
             raise ValueError(f"interval must be a positive integer, got {self.interval!r}")
-        if isinstance(self.schedule, str) and self.schedule not in ("uniform", "quadratic", "calibrated"):
+        if isinstance(self.schedule, str) and self.schedule not in ("uniform", "quadratic", "calibrated", "dp"):
             raise ValueError(f"schedule {self.schedule!r}: use a list of full-call indices, 'uniform', "
-                             "'quadratic' or 'calibrated'")
+                             "'quadratic', 'calibrated' or 'dp'")
         if self.schedule in ("uniform", "quadratic") and self.interval is None:
             raise ValueError(f"schedule={self.schedule!r} needs interval=N")
         if isinstance(self.schedule, (list, tuple)):
             self.schedule = schedules.validate(self.schedule, None)
-        if self.budget is not None and (self.schedule != "calibrated" or self.budget < 1):
-            raise ValueError("budget=K (K >= 1) goes with schedule='calibrated'")
+        if self.budget is not None and (self.schedule not in ("calibrated", "dp") or self.budget < 1):
+            raise ValueError("budget=K (K >= 1) goes with schedule='calibrated' or 'dp'")
         if self.correction not in (None, "dec", "dec-mean"):
             raise ValueError(f"correction {self.correction!r}: use None, 'dec' or 'dec-mean'")
         self._full, self._plan, self._correction, self._calib, self._dec = True, None, None, None, None
@@ -99,6 +101,9 @@ class FeatureCache(Transform):
             return schedules.validate(self.schedule, n)
         if self.schedule == "calibrated":
             return self._calib.full_calls(n)  # checks n against the calibrated call count
+        if self.schedule == "dp":
+            self._calib.check_calls(n)
+            return self._calib.dp_calls()
         if n is None:
             if self.schedule == "quadratic":
                 raise ValueError("schedule='quadratic' needs the number of UNet calls: apply to the pipeline")
@@ -137,9 +142,9 @@ class FeatureCache(Transform):
         if not 0 <= self.branch < n:
             raise ValueError(f"branch {self.branch} out of range 0..{n - 1} for this UNet")
         self._dec, self._dec_cache = None, {}
-        if self.schedule == "calibrated" or self.correction is not None:
+        if self.schedule in ("calibrated", "dp") or self.correction is not None:
             if ctx.calibration is None:
-                raise CalibrationError("FeatureCache(schedule='calibrated' or a correction) needs a "
+                raise CalibrationError(f"FeatureCache(schedule={self.schedule!r}, correction={self.correction!r}) needs a "
                                        "calibration: run `accel calibrate` and pass calibration=DIR")
             self._calib = ctx.calibration.cache(self.branch, self.budget)
         units, boundary = cached_units(ctx.unet, self.branch)
