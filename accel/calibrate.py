@@ -365,9 +365,10 @@ def refine_schedule(pipe, cache: FeatureCache, calib: Calibration, start: list[i
     """Refine a cache schedule on what it is for: the error of the final sample.
 
     The DP (CacheQuant's DPS) minimises a proxy, the summed feature distance of each cached call to its group's
-    full call, as if every cached call cost the same wherever it falls. Measured on the miniature, the same
-    feature error costs 10-50x more in the last few calls than mid-sampling (nothing after them corrects it),
-    and the DP's schedule lost to the uniform one at 11 and 8 full calls of 51. This runs the pipeline with
+    full call, as if a cached call cost the same wherever it falls. On the miniature one cached call among the
+    last few moves the final sample an order of magnitude more than one mid-sampling (nothing after it corrects
+    the error; ``notebooks/cache_schedules.ipynb`` measures it), and the DP's schedule lost to the uniform one
+    at 11 and 8 full calls of 51. This runs the pipeline with
     the recipe's cache (its branch and correction) on ``prompts`` (image i with seed ``seed + i``, the
     calibration seeds) and moves full calls one at a time while the final latents get closer to the
     uncached ones (:func:`accel.schedules.refine`). The objective is the mean over images of

@@ -22,7 +22,7 @@ from .errors import CalibrationError
 from .transforms.dec import CacheDEC, Moments, coefficients
 
 FORMAT = "accel-calibration"
-VERSION = 2  # 2: asymmetric activation quantizers (quant.scale_sym / scale_asym / shift)
+VERSION = 3  # 2: asymmetric activation quantizers (quant.scale_sym / scale_asym / shift); 3: refined cache schedules (cache.bB.refined.K)
 META_FILE = "accel.json"
 TENSOR_FILE = "calibration.safetensors"
 
