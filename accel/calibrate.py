@@ -390,16 +390,20 @@ def refine_schedule(pipe, cache: FeatureCache, calib: Calibration, start: list[i
         return lat
 
     base = latents()
+    measured: dict[tuple, float] = {}  # one pipeline run per schedule, shared by both searches
 
     def error_db(full):
-        handle = apply(pipe, FeatureCache(schedule=list(full), branch=cache.branch, correction=cache.correction),
-                       calibration=calib)
-        try:
-            d = latents() - base
-        finally:
-            handle.remove()
-        mse = (d ** 2).flatten(1).mean(1).clamp_min(1e-30)
-        return (10 * torch.log10(mse)).mean().item()
+        key = tuple(full)
+        if key not in measured:
+            handle = apply(pipe, FeatureCache(schedule=list(full), branch=cache.branch, correction=cache.correction),
+                           calibration=calib)
+            try:
+                d = latents() - base
+            finally:
+                handle.remove()
+            mse = (d ** 2).flatten(1).mean(1).clamp_min(1e-30)
+            measured[key] = (10 * torch.log10(mse)).mean().item()
+        return measured[key]
 
     n = calib.cache(cache.branch).n
     starts = {"dp": list(start), "uniform": schedules.even(n, len(start))}
@@ -417,7 +421,7 @@ def refine_schedule(pipe, cache: FeatureCache, calib: Calibration, start: list[i
     best = min(found, key=lambda k: found[k][1])
     full, db, _ = found[best]
     return {"schedule": full, "dp": list(start), "dp_error_db": round(error_db(start), 3), "error_db": round(db, 3),
-            "from": best, "evals": done, "prompts": len(prompts), "seconds": round(time.time() - t0, 2)}
+            "from": best, "evals": len(measured), "prompts": len(prompts), "seconds": round(time.time() - t0, 2)}
 
 
 def add_parser(sub):
