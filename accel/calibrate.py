@@ -77,7 +77,7 @@ def _batches(n: int, batch_size: int) -> list[list[int]]:
 
 def _run_batches(pipe, prompts, steps, seed, guidance, batches, which, desc, progress):
     """Run the pipeline (latents only) on the prompt batches ``which``; image i uses seed ``seed + i``.
-    Yields each batch index after its pipeline call."""
+    Yields ``(batch index, latents)`` after each pipeline call."""
     for bi in tqdm(which, desc=desc, disable=not progress):
         idx = batches[bi]
         with torch.no_grad():
@@ -85,7 +85,7 @@ def _run_batches(pipe, prompts, steps, seed, guidance, batches, which, desc, pro
                        generator=[torch.Generator("cpu").manual_seed(seed + j) for j in idx], output_type="latent").images
         if not torch.isfinite(lat).all():
             raise FloatingPointError("the pipeline produced NaN/inf during calibration")
-        yield bi
+        yield bi, lat
 
 
 def collect_features(pipe, modules: dict, prompts: list[str], steps: int, seed: int = 0, guidance: float = 7.5,
@@ -105,7 +105,7 @@ def collect_features(pipe, modules: dict, prompts: list[str], steps: int, seed: 
         hooks.attach(m, _Recorder(sinks[key], residual, keep), REC_HOOK, root=unet)
     partials, n_calls = {}, None
     try:
-        for bi in _run_batches(pipe, prompts, steps, seed, guidance, batches, mine,
+        for bi, _ in _run_batches(pipe, prompts, steps, seed, guidance, batches, mine,
                                f"calibrate[{state.process_index}]", progress):
             counts = {len(v) for v in sinks.values()}
             if len(counts) != 1 or (n_calls is not None and counts != {n_calls}):
@@ -205,7 +205,7 @@ def collect_quant(pipe, quant, cache, calib: Calibration, prompts, steps, n_call
             split = _split_point(unet, path, m) if quant.split_shortcut and isinstance(m, torch.nn.Conv2d) else None
             recs[path] = hooks.attach(m, _ActRecorder(clock, split, per_call, gen), REC_HOOK, root=unet)
         batches = _batches(len(prompts), batch_size)
-        for _ in _run_batches(pipe, prompts, steps, seed, guidance, batches, range(len(batches)),
+        for _, _ in _run_batches(pipe, prompts, steps, seed, guidance, batches, range(len(batches)),
                               "calibrate scales", progress):
             pass
     finally:
@@ -240,7 +240,7 @@ def collect_quant(pipe, quant, cache, calib: Calibration, prompts, steps, n_call
                 if isinstance(qm, QConv2d) or hasattr(qm, "weight_q0"):
                     decs[path] = hooks.attach(qm, _DecRecorder(clock, q._originals[path], n_calls), REC_HOOK, root=unet)
             batches = _batches(len(prompts), batch_size)
-            for _ in _run_batches(pipe, prompts, steps, seed, guidance, batches, range(len(batches)),
+            for _, _ in _run_batches(pipe, prompts, steps, seed, guidance, batches, range(len(batches)),
                                   "calibrate quant DEC", progress):
                 pass
         finally:
@@ -379,15 +379,10 @@ def refine_schedule(pipe, cache: FeatureCache, calib: Calibration, start: list[i
     from .api import apply
 
     t0 = time.time()
-    gens = lambda: [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
 
-    def latents():
-        with torch.no_grad():
-            lat = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens(),
-                       output_type="latent").images.double()
-        if not torch.isfinite(lat).all():
-            raise FloatingPointError("the pipeline produced NaN/inf while refining the cache schedule")
-        return lat
+    def latents():  # all refinement prompts in one pipeline call, image i with seed ``seed + i``
+        (_, lat), = _run_batches(pipe, prompts, steps, seed, guidance, [list(range(len(prompts)))], [0], "", False)
+        return lat.double()
 
     base = latents()
     measured: dict[tuple, float] = {}  # one pipeline run per schedule, shared by both searches
