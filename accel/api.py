@@ -55,6 +55,7 @@ class Handle:
 
     def _attach(self):
         self.clock = hooks.acquire_clock(self.unet, self.pipe)
+        self._counts_at_attach = (self.clock.unet_calls, self.clock.pipeline_calls)
         try:
             for t in self.transforms:
                 t.attach(self._ctx())
@@ -73,6 +74,20 @@ class Handle:
 
         if hasattr(self.unet, "_diffusers_hook"):
             HookRegistry.check_if_exists_or_initialize(self.unet).reset_stateful_hooks(recurse=True)
+
+    def stats(self) -> dict:
+        """What the transforms spent since ``apply``: UNet calls in all, full (the whole UNet ran) and cached,
+        per pipeline call too (``full_per_pipeline_call``: the mean budget actually spent, the one axis on which
+        fixed and adaptive cache schedules compare)."""
+        for t in self.transforms:
+            if hasattr(t, "stats"):
+                return t.stats()
+        if self.clock is None:
+            raise RuntimeError("stats() of a removed handle: read them before remove()")
+        n = self.clock.unet_calls - self._counts_at_attach[0]
+        p = self.clock.pipeline_calls - self._counts_at_attach[1]
+        return {"pipeline_calls": p, "unet_calls": n, "full": n, "cached": 0,
+                "full_per_pipeline_call": n / p if p else 0.0}
 
     def remove(self):
         """Detach every transform; the model behaves (and is structured) exactly as before ``apply``."""

@@ -16,7 +16,7 @@ from diffusers.hooks import ModelHook
 from tqdm.auto import tqdm
 
 from . import __version__, hooks, schedules
-from .calibration import Calibration, fingerprint
+from .calibration import Calibration, fingerprint, refined_key, refined_name
 from .recipe import load as load_recipe
 from .transforms.cache import FeatureCache
 from .transforms.dec import Moments, coefficients
@@ -337,15 +337,18 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
     tensors.update({f"{key}.distance": stats["dist"], f"{key}.mean": m.mean, f"{key}.sq": m.sq, f"{key}.cross": m.cross})
     meta["cache"] = {"branch": branch, "budget": budget, "dp_schedule": full, "constrained": constrained,
                      "group_len": [lo, hi], "dp_cost": cost}
-    if refine and cache is not None:
+    if cache is not None and cache.schedule == "adaptive":
+        meta["cache"]["adaptive"] = [calibrate_threshold(pipe, cache, Calibration(meta, tensors), budgets,
+                                                         prompts[:refine_prompts], steps, seed, guidance, progress)]
+    elif refine and cache is not None:
         meta["cache"]["refined"] = {}
         ref_prompts = prompts[:refine_prompts]
         for k in budgets:
             calib = Calibration(meta, tensors)
             dp = calib.cache(branch, k).dp_calls(k)
             r = refine_schedule(pipe, cache, calib, dp, ref_prompts, steps, seed, guidance, refine_evals, progress)
-            tensors[f"{key}.refined.{k}"] = torch.tensor(r.pop("schedule"), dtype=torch.int64)
-            meta["cache"]["refined"][str(k)] = r
+            tensors[refined_key(branch, k, cache.forecast)] = torch.tensor(r.pop("schedule"), dtype=torch.int64)
+            meta["cache"]["refined"][refined_name(k, cache.forecast)] = r
     full = Calibration(meta, tensors).cache(branch, budget).full_calls(n, budget)
     a, b = coefficients(m, full)
     tensors.update({f"{key}.schedule": torch.tensor(full, dtype=torch.int64), f"{key}.dec_a": a, f"{key}.dec_b": b})
@@ -358,6 +361,60 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
                          "dec_layers": sorted(k[len("quant.dec_alpha."):] for k in qt if k.startswith("quant.dec_alpha."))}
     meta["seconds"] = round(time.time() - t0, 2)
     return Calibration(meta, tensors)
+
+
+def calibrate_threshold(pipe, cache: FeatureCache, calib: Calibration, budgets: list[int], prompts: list[str], steps: int,
+                        seed: int, guidance: float, progress: bool = True, iterations: int = 10,
+                        bounds: tuple[float, float] = (1e-3, 1.0)) -> dict:
+    """The probe threshold of ``FeatureCache(schedule="adaptive")`` that spends each budget.
+
+    For a threshold, the pipeline runs each of ``prompts`` (the refinement's share of the calibration prompts) alone (image i with seed ``seed + i``; alone,
+    because a batch runs the full UNet when any of its samples needs it) with the recipe's adaptive cache
+    (its branch, forecast, cap and correction), and the full calls are counted (``Handle.stats()``). Fewer full
+    calls with a higher threshold: bisection in log space finds, per budget K, the smallest threshold whose mean
+    is at most K. Returns the record stored in ``accel.json`` (``cache.adaptive``): the cache's settings, the
+    threshold and the mean full calls measured per budget.
+    """
+    from .api import apply
+
+    t0 = time.time()
+    batches = [[i] for i in range(len(prompts))]
+    spent: dict[float, float] = {}
+
+    def mean_full(tau: float) -> float:
+        if tau not in spent:
+            handle = apply(pipe, FeatureCache(schedule="adaptive", threshold=tau, branch=cache.branch, forecast=cache.forecast,
+                                              max_cached=cache.max_cached, correction=cache.correction), calibration=calib)
+            try:
+                for _ in _run_batches(pipe, prompts, steps, seed, guidance, batches, range(len(batches)), "", False):
+                    pass
+                spent[tau] = handle.stats()["full_per_pipeline_call"]
+            finally:
+                handle.remove()
+            bar.update()
+        return spent[tau]
+
+    thresholds, full = {}, {}
+    bar = tqdm(total=iterations * len(budgets) + 2, desc="calibrate adaptive threshold", disable=not progress)
+    try:
+        for k in budgets:
+            lo, hi = bounds  # mean_full(lo) > k expected, mean_full(hi) <= k expected
+            if mean_full(hi) > k:
+                lo = hi
+            elif mean_full(lo) <= k:
+                hi = lo
+            for _ in range(iterations if lo < hi else 0):
+                mid = (lo * hi) ** 0.5
+                if mean_full(mid) > k:
+                    lo = mid
+                else:
+                    hi = mid
+            thresholds[str(k)], full[str(k)] = hi, round(mean_full(hi), 3)
+    finally:
+        bar.close()
+    return {"forecast": cache.forecast, "max_cached": cache.max_cached, "correction": cache.correction,
+            "thresholds": thresholds, "full_calls": full, "prompts": len(prompts), "runs": len(spent) * len(prompts),
+            "seconds": round(time.time() - t0, 2)}
 
 
 def refine_schedule(pipe, cache: FeatureCache, calib: Calibration, start: list[int], prompts: list[str], steps: int,
@@ -390,8 +447,8 @@ def refine_schedule(pipe, cache: FeatureCache, calib: Calibration, start: list[i
     def error_db(full):
         key = tuple(full)
         if key not in measured:
-            handle = apply(pipe, FeatureCache(schedule=list(full), branch=cache.branch, correction=cache.correction),
-                           calibration=calib)
+            handle = apply(pipe, FeatureCache(schedule=list(full), branch=cache.branch, correction=cache.correction,
+                                              forecast=cache.forecast), calibration=calib)
             try:
                 d = latents() - base
             finally:
@@ -471,10 +528,15 @@ def cmd_calibrate(args):
         if "cache" in calib.meta:
             c = calib.meta["cache"]
             print(f"DP schedule (branch {c['branch']}, {c['budget']} full calls): {c['dp_schedule']}")
-            for k, r in c.get("refined", {}).items():
-                print(f"refined schedule, {k} full calls: {calib.cache(c['branch']).full_calls(None, int(k))} "
+            for name, r in c.get("refined", {}).items():
+                k, forecast = int(name.split(".")[-1]), (name.split(".")[0] if "." in name else None)
+                print(f"refined schedule, {k} full calls: {calib.cache(c['branch']).full_calls(None, k, forecast)} "
                       f"(final-latent error {r['dp_error_db']:+.2f} dB -> {r['error_db']:+.2f} dB, {r['evals']} runs, "
                       f"{r['seconds']:.0f} s)")
+            for a in c.get("adaptive", []):
+                for k, tau in a["thresholds"].items():
+                    print(f"adaptive threshold, {k} full calls (forecast={a['forecast']}): {tau:.4g} "
+                          f"(measured {a['full_calls'][k]:.2f} full calls per prompt)")
         if "inherit" in calib.meta:
             c = calib.meta["inherit"]
             print(f"inheritance schedule ({len(c['targets'])} targets run at {c['budget']} calls): {c['schedule']}")

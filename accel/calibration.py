@@ -19,7 +19,7 @@ import torch
 
 from . import schedules
 from .errors import CalibrationError
-from .transforms.dec import CacheDEC, Moments, coefficients
+from .transforms.dec import CacheDEC, Moments, coefficient, coefficients
 
 FORMAT = "accel-calibration"
 VERSION = 3  # 2: asymmetric activation quantizers (quant.scale_sym / scale_asym / shift); 3: refined cache schedules (cache.bB.refined.K)
@@ -40,6 +40,17 @@ def fingerprint(unet) -> str:
             if flat.numel():
                 h.update(torch.cat([flat[:64], flat[-64:]]).to("cpu", torch.float32).numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def refined_name(budget: int, forecast: str | None = None) -> str:
+    """How ``accel.json`` names the schedule refined for ``budget`` full calls with this forecast."""
+    return str(budget) if forecast is None else f"{forecast}.{budget}"
+
+
+def refined_key(branch: int, budget: int, forecast: str | None = None) -> str:
+    """Where a calibration keeps the schedule refined for ``budget`` full calls (with this forecast: the
+    refinement measures the final samples with the cache as it will run)."""
+    return f"cache.b{branch}.refined.{refined_name(budget, forecast)}"
 
 
 def _sha256(path: Path) -> str:
@@ -71,19 +82,20 @@ class CacheCalibration:
     def check_calls(self, n: int | None):
         self.calib.check_calls(self.n, n)
 
-    def full_calls(self, n: int | None = None, budget: int | None = None) -> list[int]:
+    def full_calls(self, n: int | None = None, budget: int | None = None, forecast: str | None = None) -> list[int]:
         """The calibrated schedule for ``budget`` full calls (default: the calibrated budget): the refined one
-        if ``accel calibrate`` refined this budget (see :func:`accel.calibrate.refine_schedule`), else the DP's."""
+        if ``accel calibrate`` refined this budget with this forecast (see :func:`accel.calibrate.refine_schedule`),
+        else the DP's."""
         self.check_calls(n)
         k = self._budget(budget)
-        refined = self.calib.tensors.get(f"cache.b{self.branch}.refined.{k}")
+        refined = self.calib.tensors.get(refined_key(self.branch, k, forecast))
         if refined is not None:
             return schedules.validate(refined.tolist(), self.n)
         return self.dp_calls(k)
 
-    def refined_budgets(self) -> list[int]:
-        pre = f"cache.b{self.branch}.refined."
-        return sorted(int(k[len(pre):]) for k in self.calib.tensors if k.startswith(pre))
+    def refined_budgets(self, forecast: str | None = None) -> list[int]:
+        pre = f"cache.b{self.branch}.refined." + ("" if forecast is None else f"{forecast}.")
+        return sorted(int(k[len(pre):]) for k in self.calib.tensors if k.startswith(pre) and k[len(pre):].isdigit())
 
     def _budget(self, budget: int | None) -> int:
         k = budget or self.budget
@@ -103,8 +115,34 @@ class CacheCalibration:
             lo, hi = 1, self.n
         return schedules.dp_schedule(C, k, lo, hi)[0]
 
-    def dec(self, full_calls: list[int], gain: bool = True) -> CacheDEC:
-        return CacheDEC(*coefficients(self.moments, full_calls, gain))
+    def dec(self, full_calls: list[int], gain: bool = True, order: int = 0) -> CacheDEC:
+        """The DEC of a fixed schedule, for every call (``order``: the forecast the correction applies to)."""
+        return CacheDEC(*coefficients(self.moments, full_calls, gain, order))
+
+    def dec_for(self, t: int, srcs: list[int], gain: bool = True):
+        """The correction of one cached call ``t`` whose input is forecast from the full calls ``srcs`` (newest
+        first): what an adaptive schedule needs, computed when a call is first met (then kept by the cache)."""
+        a, b = coefficient(self.moments, srcs, t, gain)
+        a_full = torch.ones(self.n, a.numel(), dtype=torch.float64)
+        b_full = torch.zeros_like(a_full)
+        a_full[t], b_full[t] = a, b
+        return CacheDEC(a_full, b_full).for_call(t)
+
+    def threshold(self, forecast: str | None, max_cached: int | None, correction: str | None,
+                  budget: int | None = None) -> float:
+        """The adaptive schedule's probe threshold that spent ``budget`` full calls per pipeline call on average
+        over the calibration prompts, for this forecast / cap / correction (:func:`accel.calibrate.calibrate_threshold`)."""
+        k = self._budget(budget)
+        for entry in self.calib.meta.get("cache", {}).get("adaptive", []):
+            if (entry["forecast"], entry["max_cached"], entry["correction"]) == (forecast, max_cached, correction) \
+                    and str(k) in entry["thresholds"]:
+                return float(entry["thresholds"][str(k)])
+        have = [f"budget {b} (forecast={e['forecast']}, max_cached={e['max_cached']}, correction={e['correction']})"
+                for e in self.calib.meta.get("cache", {}).get("adaptive", []) for b in e["thresholds"]]
+        raise CalibrationError(f"the calibration has no adaptive threshold for budget {k} with forecast={forecast}, "
+                               f"max_cached={max_cached}, correction={correction} (it has: {', '.join(have) or 'none'}); "
+                               "calibrate with a recipe holding this FeatureCache(schedule='adaptive') and --budget "
+                               f"{k}, or give threshold=x")
 
 
 class QuantCalibration:

@@ -80,6 +80,7 @@ class StepClock(ModelHook):
         self.total: int | None = None  # UNet calls this pipeline call will make (None if unknown)
         self.batch_shape = None  # shape of the current UNet input
         self.users = 0           # transforms sharing this clock
+        self.unet_calls = self.pipeline_calls = 0  # counted since the clock was attached
 
     # -- listeners ---------------------------------------------------------------------------------
     def add_listener(self, key: str, fn: Callable[["StepClock"], None]):
@@ -111,6 +112,8 @@ class StepClock(ModelHook):
         if ts is not None and ts is not self._timesteps_id:
             self._timesteps_id, self.step = ts, -1  # the scheduler was set up anew: a new pipeline call
         self.step += 1
+        self.unet_calls += 1
+        self.pipeline_calls += self.step == 0
         self.total = total
         self.batch_shape = tuple(sample.shape) if sample is not None else None
         for fn in self._listeners.values():

@@ -233,9 +233,12 @@ def test_interrupted_call_does_not_leak_state(tokenizer_dir):
 
 
 @pytest.mark.slow
-def test_torch_compile_after_apply(tokenizer_dir):
+@pytest.mark.parametrize("kw", [dict(interval=3), dict(schedule=[0, 2, 3, 5], forecast="taylor2"),
+                                dict(schedule="adaptive", threshold=0.25, forecast="taylor1")],
+                         ids=["reuse", "forecast", "adaptive"])
+def test_torch_compile_after_apply(kw, tokenizer_dir):
     pipe = make_pipe("sd", tokenizer_dir, scheduler="DDIMScheduler")
-    h = accel.apply(pipe, accel.FeatureCache(interval=3))
+    h = accel.apply(pipe, accel.FeatureCache(**kw))
     eager = run(pipe, "sd", steps=6)
     pipe.unet = torch.compile(pipe.unet)
     compiled = run(pipe, "sd", steps=6)

@@ -21,11 +21,14 @@ from .. import schedules
 from ..errors import CalibrationError
 from ..hooks import attach, detach
 from ..unet import cached_units, feature_of, num_branches, with_feature
+from . import adaptive
+from . import forecast as forecasting
 from .base import Context, Transform, register
 
 
 class _ReuseHook(ModelHook):
-    """Runs the module on full calls (keeping its output) and returns the kept output on cached calls."""
+    """Runs the module on full calls (keeping its output) and returns the kept output on cached calls; on the
+    boundary unit the kept feature is forecast and/or corrected first."""
 
     _is_stateful = True
 
@@ -34,36 +37,53 @@ class _ReuseHook(ModelHook):
         self.owner, self.boundary, self.kept = owner, boundary, None
 
     def new_forward(self, module, *args, **kwargs):
-        if self.owner._full:
+        owner = self.owner
+        if owner._full:
             self.kept = self.fn_ref.original_forward(*args, **kwargs)
+            if self.boundary:
+                owner._keep(owner._features, feature_of(self.kept))
             return self.kept
-        if self.boundary and self.owner._correction is not None:
-            return with_feature(self.kept, self.owner._correction(feature_of(self.kept)))
-        return self.kept
+        if not self.boundary or (owner._sources < 2 and owner._correction is None):
+            return self.kept
+        h = owner._forecast(owner._features) if owner._sources > 1 else feature_of(self.kept)
+        if owner._correction is not None:
+            h = owner._correction(h)
+        return with_feature(self.kept, h)
 
     def reset_state(self, module):
         self.kept = None
         return module
 
 
+SCHEDULES = ("uniform", "quadratic", "calibrated", "dp", "adaptive")
+
+
 @register
 @dataclass
 class FeatureCache(Transform):
-    """Reuse the deep UNet features between full calls.
+    """Reuse (or forecast) the deep UNet features between full calls.
 
     Args:
         interval: a full call every ``interval`` UNet calls (DeepCache's ``cache_interval``).
         schedule: explicit full-call indices (a list) or ``"uniform"`` / ``"quadratic"`` (DeepCache's
             non-uniform schedule; with ``interval`` it sets the number of full calls), ``"calibrated"``
             (the schedule ``accel calibrate`` chose: the DP's, refined on the final samples' error for the
-            budgets it was calibrated at) or ``"dp"`` (CacheQuant's DP schedule on the calibrated feature
-            distances, unrefined).
+            budgets it was calibrated at), ``"dp"`` (CacheQuant's DP schedule on the calibrated feature
+            distances, unrefined) or ``"adaptive"`` (decided at every UNet call from a free probe, see
+            :mod:`accel.transforms.adaptive`: with ``budget=K`` the threshold ``accel calibrate`` found for a
+            mean of K full calls, or an explicit ``threshold``).
         branch: DeepCache's ``cache_branch_id`` (0 = shallowest, fastest).
         correction: ``"dec"`` applies CacheQuant's per-channel cache-error correction ``a_t h + b_t`` from the
             calibration, ``"dec-mean"`` its mean-only variant (``h + b_t``, ours: more conservative);
-            ``None`` reuses features as they are.
-        budget: with ``schedule="calibrated"`` or ``"dp"``, the number of full calls (default: the calibrated budget);
-            one calibration serves every budget.
+            ``None`` reuses features as they are. With a forecast, the correction applies to the forecast.
+        budget: with ``schedule="calibrated"``, ``"dp"`` or ``"adaptive"``, the number of full calls (default:
+            the calibrated budget); one calibration serves every budget.
+        forecast: what a cached call hands the shallow path: ``None`` the last full call's feature (DeepCache),
+            ``"taylor1"`` / ``"taylor2"`` its extrapolation from the last 2 / 3 full calls in the call index
+            (TaylorSeer's finite-difference Taylor expansion, :mod:`accel.transforms.forecast`).
+        threshold: ``schedule="adaptive"`` without a calibration: a call is full when the probe's relative L1
+            error exceeds this (e.g. 0.05-0.3).
+        max_cached: ``schedule="adaptive"``: at most this many consecutive cached calls (MagCache's cap).
     """
 
     interval: int | None = None
@@ -71,28 +91,47 @@ class FeatureCache(Transform):
     branch: int = 0
     correction: str | None = None
     budget: int | None = None
+    forecast: str | None = None
+    threshold: float | None = None
+    max_cached: int | None = None
     order = 80
     requires_pipeline = True
     _hooks: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         if self.interval is None and self.schedule is None:
-            raise ValueError("FeatureCache needs interval=N or schedule=[...] / 'quadratic' / 'calibrated'")
+            raise ValueError("FeatureCache needs interval=N or schedule=[...] / 'quadratic' / 'calibrated' / 'adaptive'")
         if self.interval is not None and (not isinstance(self.interval, int) or self.interval < 1):
             raise ValueError(f"interval must be a positive integer, got {self.interval!r}")
-        if isinstance(self.schedule, str) and self.schedule not in ("uniform", "quadratic", "calibrated", "dp"):
-            raise ValueError(f"schedule {self.schedule!r}: use a list of full-call indices, 'uniform', "
-                             "'quadratic', 'calibrated' or 'dp'")
+        if isinstance(self.schedule, str) and self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r}: use a list of full-call indices, "
+                             + ", ".join(repr(s) for s in SCHEDULES))
         if self.schedule in ("uniform", "quadratic") and self.interval is None:
             raise ValueError(f"schedule={self.schedule!r} needs interval=N")
         if isinstance(self.schedule, (list, tuple)):
             self.schedule = schedules.validate(self.schedule, None)
-        if self.budget is not None and (self.schedule not in ("calibrated", "dp") or self.budget < 1):
-            raise ValueError("budget=K (K >= 1) goes with schedule='calibrated' or 'dp'")
+        if self.budget is not None and (self.schedule not in ("calibrated", "dp", "adaptive") or self.budget < 1):
+            raise ValueError("budget=K (K >= 1) goes with schedule='calibrated', 'dp' or 'adaptive'")
         if self.correction not in (None, "dec", "dec-mean"):
             raise ValueError(f"correction {self.correction!r}: use None, 'dec' or 'dec-mean'")
+        self._order = forecasting.order_of(self.forecast)
+        if self.schedule == "adaptive":
+            if self.threshold is not None and self.budget is not None:
+                raise ValueError("schedule='adaptive' takes budget=K (a calibrated threshold) or threshold=x, not both")
+            if self.threshold is not None and not self.threshold > 0:
+                raise ValueError(f"threshold must be > 0, got {self.threshold!r}")
+        elif self.threshold is not None or self.max_cached is not None:
+            raise ValueError("threshold and max_cached go with schedule='adaptive'")
+        if self.max_cached is not None and (not isinstance(self.max_cached, int) or self.max_cached < 1):
+            raise ValueError(f"max_cached must be a positive integer, got {self.max_cached!r}")
         self._full, self._plan, self._correction, self._calib, self._dec = True, None, None, None, None
-        self._shape = None
+        self._shape, self._open, self._run = None, False, 0
+        self._idx: list[int] = []        # the full calls the forecast uses, newest first
+        self._features: list = []        # the boundary feature at those calls
+        self._probes: list = []          # the probe feature at those calls (adaptive)
+        self._w = torch.zeros(forecasting.ORDERS["taylor2"] + 1)  # forecast weights of this call (host tensor)
+        self._sources = 1
+        self._stats = _Stats()
 
     # -- the schedule ------------------------------------------------------------------------------
     def full_calls(self, n: int | None) -> list[int] | None:
@@ -100,10 +139,12 @@ class FeatureCache(Transform):
         if isinstance(self.schedule, list):
             return schedules.validate(self.schedule, n)
         if self.schedule == "calibrated":
-            return self._calib.full_calls(n)  # checks n against the calibrated call count
+            return self._calib.full_calls(n, forecast=self.forecast)  # checks n against the calibrated call count
         if self.schedule == "dp":
             self._calib.check_calls(n)
             return self._calib.dp_calls()
+        if self.schedule == "adaptive":
+            return None
         if n is None:
             if self.schedule == "quadratic":
                 raise ValueError("schedule='quadratic' needs the number of UNet calls: apply to the pipeline")
@@ -113,28 +154,89 @@ class FeatureCache(Transform):
         return schedules.uniform(n, self.interval)
 
     def _on_tick(self, clock):
-        if clock.step == 0:
+        t = clock.step
+        if t == 0:
             full = self.full_calls(clock.total)
             self._plan = set(full) if full is not None else None
-            self._shape = clock.batch_shape
+            self._shape, self._run = clock.batch_shape, 0
+            self._idx, self._features, self._probes = [], [], []
+            self._stats.begin()
             if self.correction is not None:
                 self._calib.check_calls(clock.total)
-                key = tuple(full) if full is not None else None
-                if key not in self._dec_cache:
-                    if key is None:
-                        raise ValueError(f"correction={self.correction!r} needs the number of UNet calls: apply to the pipeline")
-                    self._dec_cache[key] = self._calib.dec(full, gain=self.correction == "dec")
-                self._dec = self._dec_cache[key]
-        if self._plan is None:
-            self._full = clock.step % self.interval == 0
+                if self.schedule != "adaptive":
+                    key = tuple(full) if full is not None else None
+                    if key not in self._dec_cache:
+                        if key is None:
+                            raise ValueError(f"correction={self.correction!r} needs the number of UNet calls: apply to the pipeline")
+                        self._dec_cache[key] = self._calib.dec(full, gain=self.correction == "dec", order=self._order)
+                    self._dec = self._dec_cache[key]
+        self._open = False
+        if self.schedule == "adaptive":
+            self._full = t == 0 or (self.max_cached is not None and self._run >= self.max_cached)
+            self._open = not self._full  # the probe decides (Probe hook on conv_in)
+        elif self._plan is None:
+            self._full = t % self.interval == 0
         else:
-            self._full = clock.step in self._plan
+            self._full = t in self._plan
         if clock.batch_shape != self._shape:  # a different batch than the kept features: recompute
-            self._full, self._shape = True, clock.batch_shape
-        if not self._full and self._dec is not None:
-            self._correction = self._dec.for_call(clock.step)
-        else:
+            self._full, self._open, self._shape = True, False, clock.batch_shape
+            self._idx, self._features, self._probes = [], [], []
+        self._prepare(t)
+        if not self._open:
+            self._settle(t)
+
+    def _prepare(self, t):
+        """The forecast weights for call ``t`` from the full calls kept (used if ``t`` is cached)."""
+        self._sources = len(self._idx)
+        if self._sources > 1:
+            self._w[: self._sources] = torch.tensor(forecasting.weights(self._idx, t))
+
+    def _settle(self, t):
+        """The call is decided: count it, and pick the correction of a cached call."""
+        self._stats.count(self._full)
+        self._run = 0 if self._full else self._run + 1
+        if self._full:
             self._correction = None
+            self._idx = [t] + self._idx[: self._order]
+        elif self.correction is None:
+            self._correction = None
+        elif self._dec is not None:
+            self._correction = self._dec.for_call(t)
+        else:  # adaptive: the coefficients of this call for the full calls that happened
+            key = (t, tuple(self._idx))
+            fn = self._dec_cache.get(key)
+            if fn is None:
+                fn = self._dec_cache[key] = self._calib.dec_for(t, list(self._idx), gain=self.correction == "dec")
+            self._correction = fn
+
+    @torch.compiler.disable
+    def _decide(self, p):
+        """Probe hook (conv_in output ``p``): decide an open call; keep the probe of full calls."""
+        if self._open:
+            t = self._step()
+            pred = self._forecast(self._probes) if self._sources > 1 else self._probes[0]
+            # the one deliberate host sync of the adaptive mode: the decision is a host branch
+            self._full = float(adaptive.relative_error(p, pred)) > self._threshold
+            self._open = False
+            self._settle(t)
+        if self._full and self.schedule == "adaptive":
+            self._keep(self._probes, p)
+
+    def _step(self):
+        return self._clock.step
+
+    def _keep(self, store: list, f):
+        """Keep a full call's feature for the forecast (newest first, ``order + 1`` of them)."""
+        store.insert(0, f)
+        del store[self._order + 1:]
+
+    def _forecast(self, store: list):
+        """``sum_m w_m F_{x_m}`` over the kept features (Lagrange form of the Taylor expansion)."""
+        w = self._w
+        h = store[0] * w[0]
+        for m in range(1, self._sources):
+            h = h + store[m] * w[m]
+        return h
 
     # -- attach / detach ---------------------------------------------------------------------------
     def attach(self, ctx: Context) -> None:
@@ -142,18 +244,28 @@ class FeatureCache(Transform):
         if not 0 <= self.branch < n:
             raise ValueError(f"branch {self.branch} out of range 0..{n - 1} for this UNet")
         self._dec, self._dec_cache = None, {}
-        if self.schedule in ("calibrated", "dp") or self.correction is not None:
+        needs_calib = self.schedule in ("calibrated", "dp") or self.correction is not None or \
+            (self.schedule == "adaptive" and self.threshold is None)
+        if needs_calib:
             if ctx.calibration is None:
                 raise CalibrationError(f"FeatureCache(schedule={self.schedule!r}, correction={self.correction!r}) needs a "
-                                       "calibration: run `accel calibrate` and pass calibration=DIR")
+                                       "calibration: run `accel calibrate` and pass calibration=DIR"
+                                       + (" (or give threshold=x)" if self.schedule == "adaptive" else ""))
             self._calib = ctx.calibration.cache(self.branch, self.budget)
+        if self.schedule == "adaptive":
+            self._threshold = self.threshold if self.threshold is not None else \
+                self._calib.threshold(self.forecast, self.max_cached, self.correction)
         units, boundary = cached_units(ctx.unet, self.branch)
         self._hooks = {}
         for u in units:
             hook = _ReuseHook(self, boundary=u.path == boundary.path)
             attach(u.module, hook, self.hook_name, root=ctx.unet)
             self._hooks[u.path] = (u.module, hook)
-        self._full, self._shape = True, None
+        if self.schedule == "adaptive":
+            attach(ctx.unet.conv_in, adaptive.Probe(self), self.hook_name, root=ctx.unet)
+            self._hooks["conv_in"] = (ctx.unet.conv_in, None)
+        self._full, self._shape, self._clock = True, None, ctx.clock
+        self._stats = _Stats()
         ctx.clock.add_listener(self.hook_name, self._on_tick)
 
     def detach(self, ctx: Context) -> None:
@@ -161,3 +273,31 @@ class FeatureCache(Transform):
         for module, _ in self._hooks.values():
             detach(module, self.hook_name, root=ctx.unet)
         self._hooks = {}
+        self._idx, self._features, self._probes, self._clock = [], [], [], None
+
+    def stats(self) -> dict:
+        """Full and cached UNet calls since apply, in all and per pipeline call."""
+        return self._stats.as_dict()
+
+
+class _Stats:
+    """Counts of full and cached UNet calls, per pipeline call."""
+
+    def __init__(self):
+        self.per_call: list[list[int]] = []
+
+    def begin(self):
+        self.per_call.append([0, 0])
+
+    def count(self, full: bool):
+        if not self.per_call:
+            self.begin()
+        self.per_call[-1][0 if full else 1] += 1
+
+    def as_dict(self) -> dict:
+        full = sum(f for f, _ in self.per_call)
+        cached = sum(c for _, c in self.per_call)
+        n = len(self.per_call)
+        return {"pipeline_calls": n, "unet_calls": full + cached, "full": full, "cached": cached,
+                "full_per_pipeline_call": full / n if n else 0.0,
+                "per_pipeline_call": [{"full": f, "cached": c} for f, c in self.per_call]}

@@ -38,26 +38,44 @@ class Moments:
     cross: torch.Tensor  # (N, N, C)
 
 
-def coefficients(m: Moments, full_calls: list[int], gain: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def coefficients(m: Moments, full_calls: list[int], gain: bool = True, order: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a, b)``, each ``(N, C)``: the DEC coefficients of every call for a schedule (a=1, b=0 on full calls).
 
     ``gain=False`` is the mean-only variant (``correction="dec-mean"``): ``a = 1``, ``b_t = E[F_t] - E[X]``.
+    ``order``: what the cached call hands on before the correction, ``X``: the last full call's feature (0,
+    DeepCache's reuse) or its forecast of that order (:mod:`accel.transforms.forecast`).
     """
+    from .forecast import sources
+
     n, c = m.mean.shape
     a = torch.ones(n, c, dtype=torch.float64)
     b = torch.zeros(n, c, dtype=torch.float64)
-    full = sorted(full_calls)
-    j = 0
+    full = set(full_calls)
     for t in range(n):
-        if t in full:
-            j = t
-            continue
-        if gain:
-            var_x = (m.sq[j] - m.mean[j] ** 2).clamp_min(EPS)
-            cov = m.cross[j, t] - m.mean[j] * m.mean[t]
-            a[t] = cov / var_x
-        b[t] = m.mean[t] - a[t] * m.mean[j]
+        if t not in full:
+            a[t], b[t] = coefficient(m, sources(sorted(full), t, order), t, gain)
     return a, b
+
+
+def coefficient(m: Moments, srcs: list[int], t: int, gain: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a_t, b_t)`` (each ``(C,)``) for cached call ``t`` whose input is the forecast from the full calls
+    ``srcs`` (newest first; one source = reuse). The forecast ``X = sum_m w_m F_{s_m}`` is linear in the
+    features, so its moments come from the calibrated ones: ``E[X] = sum w_m E[F_{s_m}]``,
+    ``E[X^2] = sum_mn w_m w_n E[F_{s_m} F_{s_n}]``, ``E[X F_t] = sum_m w_m E[F_{s_m} F_t]``."""
+    from .forecast import weights
+
+    w = torch.tensor(weights(srcs, t), dtype=torch.float64)
+    idx = torch.tensor(srcs)
+    mean_x = (w[:, None] * m.mean[idx]).sum(0)
+    if gain:
+        cross = m.cross[idx][:, idx]  # (S, S, C)
+        sq_x = (w[:, None, None] * w[None, :, None] * cross).sum((0, 1))
+        var_x = (sq_x - mean_x ** 2).clamp_min(EPS)
+        cov = (w[:, None] * m.cross[idx, t]).sum(0) - mean_x * m.mean[t]
+        a_t = cov / var_x
+    else:
+        a_t = torch.ones_like(mean_x)
+    return a_t, m.mean[t] - a_t * mean_x
 
 
 class CacheDEC:

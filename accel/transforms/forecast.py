@@ -1,0 +1,50 @@
+"""Forecasting the skipped deep feature instead of reusing it (TaylorSeer, Liu et al. 2025, for UNets).
+
+On a full call ``j`` the cache keeps the deep feature ``F_j``; DeepCache hands ``F_j`` itself to the shallow
+path on every cached call ``t > j``. TaylorSeer expands the feature in the step index instead: with finite
+differences of the features kept at the last full calls, ``F_t ~ sum_i Delta^i F (t - j)^i / i!``
+(PAPERS.md, "Run-time caches and forecasting"). With uneven spacing between full calls (DP or adaptive
+schedules) the finite differences are Newton's divided differences, and the expansion is the polynomial
+through the last ``order + 1`` kept features, evaluated at ``t``. Written in Lagrange form it is a weighted
+sum of the kept features:
+
+    F_t ~ sum_m w_m(t) F_{x_m},   w_m(t) = prod_{l != m} (t - x_l) / (x_m - x_l)
+
+so a cached call costs ``order + 1`` multiply-adds of the feature, and the weights depend only on call
+indices (host integers: no device work, no sync). ``order = 0`` is plain reuse (``w = [1]``). Until
+``order + 1`` full calls exist, the highest order they allow is used.
+
+The same weights serve the run-time probe (:mod:`accel.transforms.adaptive`: how far the shallow feature is
+from *its* forecast) and the error correction on top of a forecast (:func:`accel.transforms.dec.coefficients`
+with the forecast's sources and weights: the moments of a linear combination are linear in the calibrated
+cross moments).
+"""
+from __future__ import annotations
+
+ORDERS = {None: 0, "taylor1": 1, "taylor2": 2}
+
+
+def order_of(forecast: str | None) -> int:
+    if forecast not in ORDERS:
+        raise ValueError(f"forecast {forecast!r}: use None (reuse the last feature), 'taylor1' or 'taylor2'")
+    return ORDERS[forecast]
+
+
+def weights(xs: list[int], t: int) -> list[float]:
+    """Lagrange weights of the polynomial through the points ``xs`` (distinct call indices), evaluated at
+    ``t``: ``p(t) = sum_m w[m] F(xs[m])``. One point gives ``[1.0]`` (reuse)."""
+    out = []
+    for m, xm in enumerate(xs):
+        w = 1.0
+        for l, xl in enumerate(xs):
+            if l != m:
+                w *= (t - xl) / (xm - xl)
+        out.append(w)
+    return out
+
+
+def sources(full_calls: list[int], t: int, order: int) -> list[int]:
+    """The full calls a forecast at call ``t`` uses: the last ``order + 1`` full calls before ``t``
+    (fewer at the start), newest first."""
+    before = [j for j in full_calls if j < t]
+    return before[::-1][: order + 1]

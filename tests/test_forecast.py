@@ -1,0 +1,217 @@
+"""Forecasting caches (TaylorSeer for UNets), run-time adaptive schedules and the spent-calls counter."""
+import numpy as np
+import pytest
+import torch
+
+import accel
+from accel.calibrate import _batch_stats, calibrate
+from accel.transforms import forecast
+from accel.transforms.dec import Moments, coefficient, coefficients
+from accel.unet import cached_units, feature_of
+
+from conftest import CallCounter, make_pipe, pipe_inputs
+
+PROMPTS = ["a large red circle on the left, black background", "a small blue square at the top, white background"]
+
+
+def run(pipe, kind="sd", **kw):
+    return pipe(**pipe_inputs(kind, **kw)).images
+
+
+@pytest.mark.parametrize("xs", [[4], [4, 1], [7, 5, 1], [9, 6, 2]])
+def test_weights_reproduce_polynomials_of_their_order(xs):
+    order = len(xs) - 1
+    coef = np.random.default_rng(len(xs)).normal(size=order + 1)
+    poly = lambda x: sum(c * x ** i for i, c in enumerate(coef))
+    for t in (xs[0] + 1, xs[0] + 3, xs[0] + 7):
+        w = forecast.weights(xs, t)
+        assert sum(w) == pytest.approx(1.0)
+        assert sum(wm * poly(x) for wm, x in zip(w, xs)) == pytest.approx(poly(t), rel=1e-9, abs=1e-9)
+    assert forecast.sources([0, 3, 5, 9], 8, 1) == [5, 3] and forecast.sources([0, 3], 2, 2) == [0]
+
+
+class _Boundary:
+    """Records what the shallow path receives from the deep part: the boundary unit's output at every call
+    (a plain torch hook registered after the cache's, so it sees the forecast feature)."""
+
+    def __init__(self, unet, branch):
+        _, b = cached_units(unet, branch)
+        self.seen = []
+        self._h = b.module.register_forward_hook(lambda m, i, o: self.seen.append(feature_of(o).detach().clone()))
+
+    def close(self):
+        self._h.remove()
+
+
+@pytest.mark.parametrize("name,order", [("taylor1", 1), ("taylor2", 2)])
+def test_cached_calls_receive_the_extrapolated_feature(name, order, tokenizer_dir):
+    pipe = make_pipe("sd", tokenizer_dir, scheduler="DDIMScheduler")
+    full = [0, 2, 3, 6, 8]
+    handle = accel.apply(pipe, accel.FeatureCache(schedule=full, forecast=name, branch=1))
+    rec = _Boundary(pipe.unet, 1)
+    out = run(pipe, steps=10)
+    rec.close()
+    assert torch.isfinite(out).all() and len(rec.seen) == 10
+    for t in range(10):
+        if t in full:
+            continue
+        xs = forecast.sources(full, t, order)
+        want = sum(w * rec.seen[x] for w, x in zip(forecast.weights(xs, t), xs))
+        torch.testing.assert_close(rec.seen[t], want, rtol=1e-5, atol=1e-6)
+    assert handle.stats()["full"] == len(full) and handle.stats()["cached"] == 10 - len(full)
+    handle.remove()
+
+
+def test_forecast_none_is_deepcache_reuse_and_remove_is_exact(tokenizer_dir):
+    pipe = make_pipe("sd", tokenizer_dir)
+    base = run(pipe)
+    with accel.apply(pipe, accel.FeatureCache(interval=3)):
+        reuse = run(pipe)
+    with accel.apply(pipe, accel.FeatureCache(interval=3, forecast="taylor1")):
+        fc = run(pipe)
+    assert not torch.equal(fc, reuse)
+    assert torch.equal(run(pipe), base)
+
+
+def test_dec_on_a_forecast_is_least_squares_on_the_forecast():
+    g = torch.Generator().manual_seed(0)
+    n, b, c, h, w = 7, 3, 4, 5, 5
+    feats = [torch.randn(b, c, h, w, generator=g)]
+    for i in range(n - 1):
+        feats.append(0.8 * feats[-1] + 0.2 * torch.randn(b, c, h, w, generator=g) + 0.05 * i)
+    st = _batch_stats(feats)
+    m = Moments(st["sum"] / st["count"], st["sumsq"] / st["count"], st["cross"] / st["count"])
+    full = [0, 2, 3]
+    a, b_ = coefficients(m, full, order=1)
+    for t in (4, 5, 6):
+        xs = forecast.sources(full, t, 1)
+        x = sum(wm * feats[s].double() for wm, s in zip(forecast.weights(xs, t), xs))
+        for ch in range(c):
+            slope, icpt = np.polyfit(x[:, ch].reshape(-1).numpy(), feats[t][:, ch].reshape(-1).double().numpy(), 1)
+            assert a[t, ch].item() == pytest.approx(slope, rel=1e-6)
+            assert b_[t, ch].item() == pytest.approx(icpt, rel=1e-6, abs=1e-9)
+        a_t, b_t = coefficient(m, xs, t, gain=False)
+        torch.testing.assert_close(b_t, (feats[t].double() - x).mean(dim=(0, 2, 3)), rtol=1e-6, atol=1e-8)
+        assert torch.equal(a_t, torch.ones_like(a_t))
+    a0, _ = coefficients(m, full, order=0)  # order 0 is the paper's DEC on the reused feature
+    ar, _ = coefficients(m, full)
+    assert torch.equal(a0, ar)
+
+
+@pytest.mark.parametrize("name", [None, "taylor1"])
+def test_adaptive_decides_from_the_probe(name, tokenizer_dir):
+    pipe = make_pipe("sd", tokenizer_dir, scheduler="DDIMScheduler")
+    probes, fulls = [], []
+    inner = pipe.unet.mid_block.resnets[0]  # runs on full calls only
+
+    def on_probe(module, inputs, output):
+        probes.append(output.detach().clone())
+        fulls.append(False)
+
+    def on_full(*_):
+        fulls[-1] = True
+
+    h1, h2 = pipe.unet.conv_in.register_forward_hook(on_probe), inner.register_forward_pre_hook(on_full)
+    handle = accel.apply(pipe, accel.FeatureCache(schedule="adaptive", threshold=0.25, forecast=name))
+    pipe(**pipe_inputs("sd", steps=12))
+    st = handle.stats()
+    handle.remove()
+    h1.remove(), h2.remove()
+    assert st["unet_calls"] == len(fulls) == 12 and st["full"] == sum(fulls) and 1 < st["full"] < 12
+    # replay every decision independently: full iff the probe's relative L1 error to its forecast from the
+    # last full calls (reuse: the last full call's probe) exceeds the threshold
+    order = forecast.order_of(name)
+    full_calls = [0]
+    for t in range(1, 12):
+        xs = forecast.sources(full_calls, t, order)
+        pred = sum(w * probes[x] for w, x in zip(forecast.weights(xs, t), xs))
+        err = ((probes[t] - pred).abs().flatten(1).mean(1) / probes[t].abs().flatten(1).mean(1)).max().item()
+        assert fulls[t] == (err > 0.25), (t, err)
+        if fulls[t]:
+            full_calls.append(t)
+    # a cap on consecutive cached calls, and a very high threshold: full calls exactly every cap+1 calls
+    with accel.apply(pipe, accel.FeatureCache(schedule="adaptive", threshold=1e9, max_cached=2)) as h:
+        counter = CallCounter(inner)
+        pipe(**pipe_inputs("sd", steps=12))
+        assert counter.n == len(range(0, 12, 3)) and h.stats()["full"] == counter.n
+        counter.close()
+
+
+@pytest.mark.parametrize("kind", ["img2img", "inpaint", "controlnet", "sdxl"])
+def test_adaptive_forecast_on_every_pipeline_kind(kind, tokenizer_dir):
+    pipe = make_pipe(kind, tokenizer_dir)
+    base = run(pipe, kind)
+    with accel.apply(pipe, accel.FeatureCache(schedule="adaptive", threshold=0.05, max_cached=3,
+                                              forecast="taylor2")) as h:
+        out = run(pipe, kind, batch=2)
+        assert torch.isfinite(out).all() and h.stats()["pipeline_calls"] == 1
+        assert h.stats()["unet_calls"] == h.clock.total
+    assert torch.equal(run(pipe, kind), base)
+
+
+def test_stats_per_pipeline_call(tokenizer_dir):
+    pipe = make_pipe("sd", tokenizer_dir, scheduler="DDIMScheduler")
+    with accel.apply(pipe, accel.FeatureCache(interval=4)) as h:
+        run(pipe, steps=8)
+        run(pipe, steps=10)
+        st = h.stats()
+    assert st["per_pipeline_call"] == [{"full": 2, "cached": 6}, {"full": 3, "cached": 7}]
+    assert st["full"] == 5 and st["full_per_pipeline_call"] == 2.5
+    with accel.apply(pipe, accel.Inherit(targets="mid_block", every=2)) as h:
+        run(pipe, steps=6)
+        assert h.stats()["unet_calls"] == 6 and h.stats()["full"] == 6
+
+
+def test_bad_settings_are_refused():
+    FC = accel.FeatureCache
+    for kw, msg in [(dict(interval=2, forecast="taylor3"), "forecast"),
+                    (dict(interval=2, threshold=0.1), "adaptive"),
+                    (dict(schedule="adaptive", threshold=0.1, budget=3), "not both"),
+                    (dict(schedule="adaptive", threshold=-1.0), "> 0"),
+                    (dict(schedule="adaptive", threshold=0.1, max_cached=0), "max_cached")]:
+        with pytest.raises(ValueError, match=msg):
+            FC(**kw)
+
+
+@pytest.fixture(scope="module")
+def adaptive_calibration(tokenizer_dir):
+    pipe = make_pipe("sd", tokenizer_dir, scheduler="DDIMScheduler")
+    recipe = accel.Recipe("t", [accel.FeatureCache(schedule="adaptive", forecast="taylor1", correction="dec-mean")])
+    calib = calibrate(pipe, recipe, PROMPTS, steps=12, budget=[5, 3], batch_size=2, progress=False)
+    return pipe, calib
+
+
+def test_calibrated_threshold_spends_the_budget(adaptive_calibration):
+    pipe, calib = adaptive_calibration
+    entry, = calib.meta["cache"]["adaptive"]
+    assert entry["forecast"] == "taylor1" and entry["correction"] == "dec-mean" and entry["prompts"] == 2
+    assert float(entry["thresholds"]["3"]) >= float(entry["thresholds"]["5"])
+    for k in (5, 3):
+        spent = []
+        with accel.apply(pipe, accel.FeatureCache(schedule="adaptive", forecast="taylor1", correction="dec-mean",
+                                                  budget=k), calibration=calib) as h:
+            for i, p in enumerate(PROMPTS):  # the calibration's own runs: each prompt alone, seed i
+                pipe(p, num_inference_steps=12, guidance_scale=7.5, generator=torch.Generator().manual_seed(i),
+                     output_type="latent")
+            spent = h.stats()["full_per_pipeline_call"]
+        assert spent == pytest.approx(entry["full_calls"][str(k)]) and spent <= k
+    with pytest.raises(accel.CalibrationError, match="no adaptive threshold"):
+        accel.apply(pipe, accel.FeatureCache(schedule="adaptive", forecast="taylor2", budget=3), calibration=calib)
+    with pytest.raises(accel.CalibrationError, match="needs a calibration"):
+        accel.apply(pipe, accel.FeatureCache(schedule="adaptive", budget=3))
+
+
+def test_calibrated_forecast_schedule_is_refined_with_the_forecast(tokenizer_dir):
+    pipe = make_pipe("sd", tokenizer_dir, scheduler="DDIMScheduler")
+    recipe = accel.Recipe("t", [accel.FeatureCache(schedule="calibrated", forecast="taylor1")])
+    calib = calibrate(pipe, recipe, PROMPTS, steps=10, budget=4, batch_size=2, progress=False, refine_evals=8)
+    c = calib.cache(0)
+    assert c.refined_budgets("taylor1") == [4] and c.refined_budgets() == []
+    assert "taylor1.4" in calib.meta["cache"]["refined"]
+    assert c.full_calls(10, 4, "taylor1") == calib.tensors["cache.b0.refined.taylor1.4"].tolist()
+    assert c.full_calls(10, 4) == c.dp_calls(4)  # another forecast: the DP's schedule
+    with accel.apply(pipe, accel.FeatureCache(schedule="calibrated", forecast="taylor1"), calibration=calib) as h:
+        run(pipe, steps=10)
+        assert h.stats()["full"] == 4
+        with pytest.raises(accel.CalibrationError, match="10 UNet calls"):
+            run(pipe, steps=8)
