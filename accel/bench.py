@@ -568,6 +568,10 @@ def run(args) -> str:
                        "against the torch reference under `TRITON_INTERPRET=1` (tests/test_kernels.py); their speed "
                        "(kernel vs fp16 `torch.mm` TFLOP/s, end-to-end) is measured only where a GPU exists. "
                        "No GPU figure is reported here.\n")
+    if "curves" in sections:
+        from .bench_cache import section
+
+        out.append(section(args))
     if "compile" in sections:
         out.append("## torch.compile\n")
         out.append(compile_graph_breaks(mini, accel_cache(3, 0)) + "\n")
@@ -577,7 +581,9 @@ def run(args) -> str:
 def add_parser(sub):
     p = sub.add_parser("bench", help="cost model, speed and quality side by side -> docs/BENCHMARKS.md")
     p.add_argument("--out", default="docs/BENCHMARKS.md")
-    p.add_argument("--sections", default="cost,speed,quality,quant,asdm,compile,gpu")
+    p.add_argument("--sections", default="cost,speed,quality,quant,asdm,curves,compile,gpu")
+    p.add_argument("--curve-refine-evals", type=int, default=40,
+                   help="refinement runs per start and budget in the curves section's calibrations (default 40)")
     p.add_argument("--intervals", type=lambda s: [int(x) for x in s.split(",")], default=[3, 5])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--num-prompts", type=int, default=32)

@@ -31,3 +31,19 @@ def judge(scorer, images, attributes: list[world.Attributes], names=("shape", "c
     out["all_accuracy"] = sum(both) / max(len(both), 1)
     out["per_image"] = both
     return out
+
+
+def picks(scorer, images, attributes: list[world.Attributes], names=("shape", "colour")) -> list[tuple[str, ...]]:
+    """The judge's reading of each image: the option it picks for every attribute in ``names``."""
+    per = []
+    for n in names:
+        cands, _ = zip(*(variants(a, n) for a in attributes))
+        options = world.ATTRIBUTES[n]
+        per.append([options[p] for p in scorer.pick(images, list(cands))])
+    return list(zip(*per))
+
+
+def flips(scorer, images, reference, attributes: list[world.Attributes]) -> list[bool]:
+    """Per image: does the judge read another shape or colour than in the ``reference`` image of the same
+    prompt and seed (an accelerated run that changed what the image shows)?"""
+    return [a != b for a, b in zip(picks(scorer, images, attributes), picks(scorer, reference, attributes))]
