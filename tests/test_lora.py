@@ -20,6 +20,9 @@ from accel.transforms.quantize import QConv2d, QLinear, _QBase
 
 from conftest import make_pipe, pipe_inputs
 
+pytestmark = [pytest.mark.filterwarnings("ignore:Already found a `peft_config`"),  # peft, on a second adapter
+              pytest.mark.filterwarnings("ignore:Adapter .* have invalid shape")]  # peft, on lora_B.bias (lora_bias=True)
+
 STEPS = 8
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 PROMPTS = ["a red circle", "a blue square"]
@@ -350,15 +353,17 @@ def test_miniature_recipes_keep_a_lora(tmp_path):
 
     base = images()
     torch.manual_seed(0)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                                      init_lora_weights=False), "style")
     lora = images()
-    assert mse(lora, base) > 0.01  # the adapter visibly changes the images
+    print(f"LoRA vs adapter-less images: MSE {mse(lora, base):.2e}")
+    assert mse(lora, base) > 0.01  # the adapter visibly changes the images (pixel values in [0, 1])
     calib = tmp_path / "c"
     calibrate(pipe, "cachequant-w8a8", kw["prompt"], steps=50, budget=11, batch_size=2, progress=False,
               refine=False).save(calib)
     for recipe in ["deepcache-i3", "cachequant-dp", "cachequant-w8a8", "w8a8", "asdm-block-mid", "asdm-unit-attn2"]:
         with accel.apply(pipe, recipe, calibration=calib if recipe.startswith("cachequant") else None):
             out = images()
-        assert mse(out, lora) < 0.5 * mse(out, base), (recipe, mse(out, lora), mse(out, base))
+        print(f"{recipe}: image MSE to the LoRA pipeline's {mse(out, lora):.2e}, to the adapter-less one's {mse(out, base):.2e}")
+        assert not torch.equal(out, lora) and mse(out, lora) < 0.2 * mse(out, base), (recipe, mse(out, lora), mse(out, base))
         assert torch.equal(images(), lora)
