@@ -313,6 +313,8 @@ def test_calibration_records_adapters_and_checks_them(tokenizer_dir, loras, cali
     rec = meta["model"]["adapters"]
     assert rec["active"] == ["style"] and rec["fused"] == [] and rec["enabled"]
     assert rec["adapters"]["style"]["rank"] == 4 and rec["adapters"]["style"]["weight"] == 1.0
+    # the quantization DEC of the layers that consume the cached feature, conv1 inside a LoRA wrapper included
+    assert meta["quant"]["dec_layers"] == ["up_blocks.3.resnets.2.conv1", "up_blocks.3.resnets.2.conv_shortcut"]
     pipe = load(fresh(tokenizer_dir), loras, "style")
     with warnings.catch_warnings():
         warnings.simplefilter("error", AdapterMismatchWarning)
