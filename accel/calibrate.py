@@ -15,7 +15,7 @@ import torch
 from diffusers.hooks import ModelHook
 from tqdm.auto import tqdm
 
-from . import __version__, hooks, schedules
+from . import __version__, adapters, hooks, schedules
 from .calibration import Calibration, fingerprint, refined_key, refined_name
 from .recipe import load as load_recipe
 from .transforms.cache import FeatureCache
@@ -236,7 +236,7 @@ def collect_quant(pipe, quant, cache, calib: Calibration, prompts, steps, n_call
         decs = {}
         try:
             for path in consumers:
-                qm = unet.get_submodule(path)
+                qm = q._modules.get(path)  # by path: a LoRA wrapper may sit at the path, the layer is its base layer
                 if isinstance(qm, QConv2d) or hasattr(qm, "weight_q0"):
                     decs[path] = hooks.attach(qm, _DecRecorder(clock, q._originals[path], n_calls), REC_HOOK, root=unet)
             batches = _batches(len(prompts), batch_size)
@@ -245,7 +245,7 @@ def collect_quant(pipe, quant, cache, calib: Calibration, prompts, steps, n_call
                 pass
         finally:
             for path in decs:
-                hooks.detach(unet.get_submodule(path), REC_HOOK, root=unet)
+                hooks.detach(q._modules[path], REC_HOOK, root=unet)
             handle.remove()
         for path, rec in decs.items():
             alpha, beta = rec.coefficients()
@@ -302,7 +302,7 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
     meta = {
         "recipe": {"name": r.name, "transforms": [t.to_dict() for t in r.transforms]},
         "versions": {"accel": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
-        "model": {"class": type(unet).__name__, "fingerprint": fingerprint(unet)},
+        "model": {"class": type(unet).__name__, "fingerprint": fingerprint(unet), "adapters": adapters.record(unet)},
         "prompts": {"source": prompt_source, "count": len(prompts)},
         "generation": {"seed": seed, "guidance": guidance, "batch_size": batch_size},
     }

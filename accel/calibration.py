@@ -27,18 +27,36 @@ META_FILE = "accel.json"
 TENSOR_FILE = "calibration.safetensors"
 
 
+def tensor_sample(t: torch.Tensor) -> bytes:
+    """The values :func:`fingerprint` reads of a tensor, as float32 bytes: all of a small tensor; of a larger one
+    its first and last 64 values and, for every output channel (first dimension), 8 values spread over the rest.
+    A fused LoRA changes every row it touches (``W + s B A``), so it shows in the per-row samples even where it
+    leaves the first and last values alone (e.g. a LoRA whose ``B`` is zero outside some middle channels)."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() <= 4096:
+        vals = flat
+    else:
+        rows = flat.reshape(t.shape[0], -1) if t.dim() > 1 else flat.reshape(1, -1)
+        cols = torch.linspace(0, rows.shape[1] - 1, 8, device=flat.device).round().long().unique()
+        vals = torch.cat([flat[:64], flat[-64:], rows[:, cols].reshape(-1)])
+    return vals.to("cpu", torch.float32).numpy().tobytes()
+
+
 def fingerprint(unet) -> str:
     """A cheap, weight-sensitive identity of a UNet: its config plus, for every tensor, its name, shape and
-    the first and last 64 values (float64 sums would miss permutations; raw values do not)."""
+    sampled raw values (:func:`tensor_sample`; float64 sums would miss permutations, raw values do not).
+    Unfused LoRA adapters are not part of it (they are recorded beside it, :func:`accel.adapters.record`): the
+    base weights are read under their names without adapters; a fused LoRA is in the base weights and changes it."""
+    from .adapters import base_state
+
     h = hashlib.sha256()
     cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     with torch.no_grad():
-        for name, t in unet.state_dict().items():
-            flat = t.detach().reshape(-1)
+        for name, t in base_state(unet):
             h.update(f"{name}{tuple(t.shape)}".encode())
-            if flat.numel():
-                h.update(torch.cat([flat[:64], flat[-64:]]).to("cpu", torch.float32).numpy().tobytes())
+            if t.numel():
+                h.update(tensor_sample(t))
     return h.hexdigest()[:32]
 
 
@@ -286,8 +304,26 @@ class Calibration:
         have = fingerprint(unet)
         if want != have:
             raise CalibrationError(
-                f"this calibration was made for another model (fingerprint {want}, this UNet {have}); "
+                f"this calibration was made for another model (fingerprint {want}, this UNet {have}){self._fused_hint(unet)}; "
                 "recalibrate for this model with `accel calibrate`")
+        self.check_adapters(unet)
+
+    def _fused_hint(self, unet) -> str:
+        from . import adapters
+
+        was = (self.meta.get("model", {}).get("adapters") or {}).get("fused", [])
+        now = (adapters.record(unet) or {}).get("fused", [])
+        if was == now:
+            return ""
+        return (f" (fused LoRA adapters change the weights: it was measured with {was or 'none'} fused, "
+                f"this UNet has {now or 'none'} fused)")
+
+    def check_adapters(self, unet):
+        """Warn (:class:`accel.adapters.AdapterMismatchWarning`, one line) when the active, unfused LoRA adapters
+        (and their weights) differ from those the statistics were measured with."""
+        from . import adapters
+
+        adapters.warn_mismatch(self.meta.get("model", {}).get("adapters"), unet)
 
     def check_scheduler(self, scheduler):
         want = self.meta.get("scheduler", {}).get("class")

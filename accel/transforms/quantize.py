@@ -25,6 +25,7 @@ back, bit-identical.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import kernels
+from .. import adapters, kernels
 from ..errors import CalibrationError
 from .base import Context, Transform, register
 
@@ -155,11 +156,31 @@ class _QBase(nn.Module):
     def weight_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if b is not None)
 
+    # -- what code written for nn.Linear / nn.Conv2d reads: peft's LoRA wrapper around a quantized base layer --
+    def _keep_source(self, m: nn.Module) -> None:
+        self.__dict__["_source"] = m  # a plain attribute: not a submodule (not in state_dict, parameters(), .to())
+
+    @property
+    def source(self) -> nn.Module:
+        """The float module this layer was quantized from (what ``remove()`` puts back)."""
+        try:
+            return self.__dict__["_source"]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} {self.path!r} has no float source module") from None
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The float weight this layer was quantized from (the source module's). peft reads it (device and dtype
+        of new adapters, DoRA's weight norm) and ``fuse_lora`` / ``unfuse_lora`` write the adapter into it;
+        :class:`Quantize` re-quantizes the layer from it before the next UNet call."""
+        return self.source.weight
+
 
 class QLinear(_QBase):
     def __init__(self, owner, path, m: nn.Linear):
         super().__init__(owner, path, m.weight, m.bias, None)
         self.in_features, self.out_features = m.in_features, m.out_features
+        self._keep_source(m)
 
     def forward(self, x):
         backend = self.owner.backend
@@ -186,6 +207,8 @@ class QConv2d(_QBase):
             raise ValueError(f"{path}: unsupported Conv2d configuration for int8")
         super().__init__(owner, path, m.weight, m.bias, split)
         self.stride, self.padding, self.out_channels = m.stride[0], m.padding[0], m.out_channels
+        self.in_channels, self.kernel_size, self.groups, self.dilation = m.in_channels, m.kernel_size, 1, (1, 1)
+        self._keep_source(m)
 
     def forward(self, x):
         backend = self.owner.backend
@@ -263,6 +286,8 @@ class Quantize(Transform):
     order = 10
     _originals: dict = field(default_factory=dict, init=False, repr=False)
     _modules: dict = field(default_factory=dict, init=False, repr=False)
+    _wrappers: dict = field(default_factory=dict, init=False, repr=False)  # path -> peft wrapper around the layer
+    _merged: dict = field(default_factory=dict, init=False, repr=False)    # path -> adapters fused when quantized
 
     def __post_init__(self):
         if (self.weights, self.activations) != (8, 8):
@@ -300,8 +325,10 @@ class Quantize(Transform):
         return self.act_scheme == "asymmetric"
 
     def selected(self, unet) -> list[tuple[str, nn.Module]]:
+        """``(path, module)`` of the layers to quantize. Inside a peft LoRA wrapper the layer is its ``base_layer``
+        under the wrapper's path (``...to_q``, see :mod:`accel.adapters`); the adapters stay in float."""
         out = []
-        for path, m in unet.named_modules():
+        for path, m, _ in adapters.base_modules(unet):
             if not isinstance(m, (nn.Linear, nn.Conv2d)):
                 continue
             if any(fnmatch.fnmatch(path, pat) for pat in self.exclude):
@@ -313,6 +340,19 @@ class Quantize(Transform):
 
     def _on_tick(self, clock):
         self._step = clock.step
+        if self._wrappers:
+            self._sync_adapters()
+
+    def _quantized(self, unet, path: str, m: nn.Module) -> "_QBase":
+        split = _split_point(unet, path, m) if self.split_shortcut and isinstance(m, nn.Conv2d) else None
+        q = QLinear(self, path, m) if isinstance(m, nn.Linear) else QConv2d(self, path, m, split)
+        q.to(m.weight.device)
+        if self._qcal is not None:
+            q.act_scales, q.act_shifts = self._qcal.scales(path, q.parts, self.act_asymmetric, self.act_clip)
+            if self.correction == "dec":
+                q.dec = self._qcal.dec(path)
+        self._bias0[path] = None if q.bias is None else q.bias.clone()
+        return q
 
     def attach(self, ctx: Context) -> None:
         unet = ctx.unet
@@ -325,31 +365,106 @@ class Quantize(Transform):
         if self.correction == "dec" and qcal is None:
             raise CalibrationError("Quantize(correction='dec') needs a calibration")
         self._mode = self.mode or ("static" if qcal is not None else "dynamic")
+        self._qcal, self._unet, self._bias0 = qcal, unet, {}
         self._originals, self._modules = {}, {}
         for path, m in self.selected(unet):
-            split = _split_point(unet, path, m) if self.split_shortcut and isinstance(m, nn.Conv2d) else None
-            q = QLinear(self, path, m) if isinstance(m, nn.Linear) else QConv2d(self, path, m, split)
-            q.to(m.weight.device)
-            if qcal is not None:
-                q.act_scales, q.act_shifts = qcal.scales(path, q.parts, self.act_asymmetric, self.act_clip)
-                if self.correction == "dec":
-                    q.dec = qcal.dec(path)
             self._originals[path] = m
-            self._modules[path] = q
-        for path, q in self._modules.items():
-            _set(unet, path, q)
+            self._modules[path] = self._quantized(unet, path, m)
+        _swap(unet, {id(m): self._modules[p] for p, m in self._originals.items()})
+        self._track_adapters()
+        self._guard_adapter_loaders(unet)
         ctx.clock.add_listener(self.hook_name, self._on_tick)
 
     def detach(self, ctx: Context) -> None:
         ctx.clock.remove_listener(self.hook_name)
-        for path, m in self._originals.items():
-            _set(ctx.unet, path, m)
-        self._originals, self._modules = {}, {}
+        self._unguard_adapter_loaders(ctx.unet)
+        _swap(ctx.unet, {id(q): self._originals[p] for p, q in self._modules.items()})
+        self._originals, self._modules, self._wrappers, self._merged = {}, {}, {}, {}
+        self._qcal = self._unet = None
+
+    # -- LoRA adapters (peft) around quantized layers ---------------------------------------------------
+    # A wrapper keeps its quantized base layer and adds the float adapters beside it (QLoRA-style); switching,
+    # weighting and disabling adapters need nothing from us. Fusing does: peft writes the adapter into
+    # ``base_layer.weight``, which is the float source's weight (``_QBase.weight``); the layer is re-quantized
+    # from it before the next UNet call. Loading or adding adapters while quantized goes through the float
+    # layers (peft can only wrap nn.Linear / nn.Conv2d): see ``_guard_adapter_loaders``.
+    def _track_adapters(self) -> None:
+        """Find the peft wrapper around each quantized layer; remember which adapters were fused into the weights
+        the layer was quantized from (kept for layers tracked before, whose wrapper may have left the model)."""
+        ours = {id(q): p for p, q in self._modules.items()}
+        old_merged = getattr(self, "_merged", {})
+        self._wrappers, self._merged = {}, {}
+        for _, m, wrapper in adapters.base_modules(self._unet):
+            path = ours.get(id(m))
+            if path is not None and wrapper is not None:
+                self._wrappers[path] = wrapper
+                self._merged[path] = old_merged.get(path, tuple(wrapper.merged_adapters))
+
+    def _sync_adapters(self) -> None:
+        changed = []
+        for path, wrapper in self._wrappers.items():
+            if wrapper.disable_adapters and wrapper.merged:
+                wrapper.unmerge()  # what peft's forward does first with adapters disabled; now, so we re-quantize first
+            merged = tuple(wrapper.merged_adapters)
+            if merged != self._merged[path]:
+                changed.append(path)
+                self._merged[path] = merged
+        if changed:
+            self._requantize(changed)
+
+    def _requantize(self, paths: list[str]) -> None:
+        """Re-quantize layers whose float weights a LoRA (un)fuse changed."""
+        swap = {}
+        for path in paths:
+            old, m = self._modules[path], self._originals[path]
+            bias0 = self._bias0.get(path)
+            if bias0 is not None and m.bias is not None and not torch.equal(old.bias, bias0):
+                with torch.no_grad():  # peft (un)merged a LoRA bias (lora_bias=True) into the quantized layer's bias
+                    m.bias.copy_(old.bias if torch.equal(m.bias, bias0) else m.bias + (old.bias - bias0))
+            self._modules[path] = swap[id(old)] = self._quantized(self._unet, path, m)
+        _swap(self._unet, swap)
+
+    def _guard_adapter_loaders(self, unet) -> None:
+        """Adapters added after quantizing: while ``unet.add_adapter`` / ``load_lora_adapter`` / ``load_attn_procs``
+        (what ``pipe.load_lora_weights`` calls) run, the float layers are back in place, so peft wraps them; then the
+        quantized layers go back, as the base layers of the new wrappers. Instance attributes, removed by detach."""
+        self._guarded = {}
+        for name in ADAPTER_LOADERS:
+            if not callable(getattr(type(unet), name, None)):
+                continue
+            self._guarded[name] = unet.__dict__.get(name, _MISSING)
+            unet.__dict__[name] = functools.wraps(getattr(unet, name))(
+                functools.partial(self._with_float_layers, getattr(unet, name)))
+
+    def _unguard_adapter_loaders(self, unet) -> None:
+        for name, before in getattr(self, "_guarded", {}).items():
+            unet.__dict__.pop(name, None)
+            if before is not _MISSING:
+                unet.__dict__[name] = before
+        self._guarded = {}
+
+    def _with_float_layers(self, method, *args, **kwargs):
+        unet = self._unet
+        self._sync_adapters()
+        _swap(unet, {id(q): self._originals[p] for p, q in self._modules.items()})
+        try:
+            return method(*args, **kwargs)
+        finally:
+            _swap(unet, {id(m): self._modules[p] for p, m in self._originals.items()})
+            self._track_adapters()
 
 
-def _set(root: nn.Module, path: str, module: nn.Module):
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
+ADAPTER_LOADERS = ("add_adapter", "load_lora_adapter", "load_attn_procs")
+_MISSING = object()
+
+
+def _swap(root: nn.Module, new: dict[int, nn.Module]) -> None:
+    """Put ``new[id(m)]`` wherever a module ``m`` is in ``root`` (found by identity, so a layer that a peft
+    wrapper took in, or that ``unload_lora_weights`` moved back out, is found where it is now)."""
+    for parent in list(root.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and id(child) in new:
+                setattr(parent, name, new[id(child)])
 
 
 def weight_bytes(unet) -> int:
