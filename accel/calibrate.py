@@ -347,8 +347,8 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
             calib = Calibration(meta, tensors)
             dp = calib.cache(branch, k).dp_calls(k)
             r = refine_schedule(pipe, cache, calib, dp, ref_prompts, steps, seed, guidance, refine_evals, progress)
-            tensors[refined_key(branch, k, cache.forecast)] = torch.tensor(r.pop("schedule"), dtype=torch.int64)
-            meta["cache"]["refined"][refined_name(k, cache.forecast)] = r
+            tensors[refined_key(branch, k, cache.prediction)] = torch.tensor(r.pop("schedule"), dtype=torch.int64)
+            meta["cache"]["refined"][refined_name(k, cache.prediction)] = r
     full = Calibration(meta, tensors).cache(branch, budget).full_calls(n, budget)
     a, b = coefficients(m, full)
     tensors.update({f"{key}.schedule": torch.tensor(full, dtype=torch.int64), f"{key}.dec_a": a, f"{key}.dec_b": b})
@@ -384,7 +384,8 @@ def calibrate_threshold(pipe, cache: FeatureCache, calib: Calibration, budgets: 
     def mean_full(tau: float) -> float:
         if tau not in spent:
             handle = apply(pipe, FeatureCache(schedule="adaptive", threshold=tau, branch=cache.branch, forecast=cache.forecast,
-                                              max_cached=cache.max_cached, correction=cache.correction), calibration=calib)
+                                              trust=cache.trust, max_cached=cache.max_cached, correction=cache.correction),
+                           calibration=calib)
             try:
                 for _ in _run_batches(pipe, prompts, steps, seed, guidance, batches, range(len(batches)), "", False):
                     pass
@@ -412,7 +413,7 @@ def calibrate_threshold(pipe, cache: FeatureCache, calib: Calibration, budgets: 
             thresholds[str(k)], full[str(k)] = hi, round(mean_full(hi), 3)
     finally:
         bar.close()
-    return {"forecast": cache.forecast, "max_cached": cache.max_cached, "correction": cache.correction,
+    return {"forecast": cache.prediction, "max_cached": cache.max_cached, "correction": cache.correction,
             "thresholds": thresholds, "full_calls": full, "prompts": len(prompts), "runs": len(spent) * len(prompts),
             "seconds": round(time.time() - t0, 2)}
 
@@ -448,7 +449,7 @@ def refine_schedule(pipe, cache: FeatureCache, calib: Calibration, start: list[i
         key = tuple(full)
         if key not in measured:
             handle = apply(pipe, FeatureCache(schedule=list(full), branch=cache.branch, correction=cache.correction,
-                                              forecast=cache.forecast), calibration=calib)
+                                              forecast=cache.forecast, trust=cache.trust), calibration=calib)
             try:
                 d = latents() - base
             finally:
@@ -529,7 +530,8 @@ def cmd_calibrate(args):
             c = calib.meta["cache"]
             print(f"DP schedule (branch {c['branch']}, {c['budget']} full calls): {c['dp_schedule']}")
             for name, r in c.get("refined", {}).items():
-                k, forecast = int(name.split(".")[-1]), (name.split(".")[0] if "." in name else None)
+                forecast, _, k = name.rpartition(".")
+                k, forecast = int(k), forecast or None
                 print(f"refined schedule, {k} full calls: {calib.cache(c['branch']).full_calls(None, k, forecast)} "
                       f"(final-latent error {r['dp_error_db']:+.2f} dB -> {r['error_db']:+.2f} dB, {r['evals']} runs, "
                       f"{r['seconds']:.0f} s)")

@@ -215,3 +215,57 @@ def test_calibrated_forecast_schedule_is_refined_with_the_forecast(tokenizer_dir
         assert h.stats()["full"] == 4
         with pytest.raises(accel.CalibrationError, match="10 UNet calls"):
             run(pipe, steps=8)
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+                                       "DPMSolverMultistepScheduler", "HeunDiscreteScheduler"])
+def test_forecast_and_adaptive_with_every_scheduler(scheduler, tokenizer_dir):
+    pipe = make_pipe("sd", tokenizer_dir, scheduler=scheduler)
+    base = run(pipe, steps=8)
+    for t in (accel.FeatureCache(interval=3, forecast="taylor2"),
+              accel.FeatureCache(schedule="adaptive", threshold=0.2, max_cached=3, forecast="taylor1")):
+        with accel.apply(pipe, t) as h:
+            for _ in range(2):  # a second pipeline call starts afresh
+                out = run(pipe, steps=8)
+                assert torch.isfinite(out).all()
+            st = h.stats()
+            assert st["pipeline_calls"] == 2 and st["unet_calls"] == 2 * h.clock.total
+            assert st["per_pipeline_call"][0] == st["per_pipeline_call"][1]  # same inputs, same decisions
+    assert torch.equal(run(pipe, steps=8), base)
+
+
+def test_skill_scores_the_forecast_against_reuse():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    line = lambda x: a + x * b  # a feature moving on a straight line: taylor1 is exact, skill 1
+    s = forecast.skill(line(9.0), [line(6.0), line(2.0)], [9, 6, 2], order=1)
+    torch.testing.assert_close(s, torch.ones(2, 1, 1, 1))
+    # truth on the segment between reuse (prev) and the forecast X = line(9): as far from X as from prev -> 0;
+    # at 2/3 of the way to X its squared error is a quarter of reuse's -> 0.75
+    f, prev, older = line(9.0), line(6.0), line(3.0)
+    for alpha, want in ((0.5, 0.0), (2 / 3, 0.75), (0.2, 0.0)):
+        truth = prev + alpha * (f - prev)
+        torch.testing.assert_close(forecast.skill(truth, [prev, older], [9, 6, 3], 1), torch.full((2, 1, 1, 1), want))
+    assert float(forecast.skill(f, [prev], [9, 6], 1)) == 0.0  # one earlier full call: the forecast was reuse
+
+
+def test_trusted_forecast_lerps_by_the_skill(tokenizer_dir):
+    pipe = make_pipe("sd", tokenizer_dir, scheduler="DDIMScheduler")
+    full = [0, 2, 4, 6, 8]
+    rec = _Boundary(pipe.unet, 0)
+    with accel.apply(pipe, accel.FeatureCache(schedule=full, forecast="taylor1", trust="skill")) as h:
+        run(pipe, steps=10)
+        assert h.stats()["full"] == 5
+    rec.close()
+    F = rec.seen
+    for t in (1, 3):  # after one or two full calls: reuse
+        torch.testing.assert_close(F[t], F[t - 1])
+    for t in (5, 7, 9):
+        j, i, k = t - 1, t - 3, t - 5  # the last full call, the one before, and the one before that
+        s = forecast.skill(F[j], [F[i], F[k]], [j, i, k], 1)
+        want = torch.lerp(F[j], F[j] + (F[j] - F[i]) / 2, s)
+        torch.testing.assert_close(F[t], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="trust"):
+        accel.FeatureCache(interval=2, trust="skill")
+    with pytest.raises(ValueError, match="one of trust and correction"):
+        accel.FeatureCache(schedule="calibrated", forecast="taylor1", trust="skill", correction="dec")

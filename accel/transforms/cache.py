@@ -81,6 +81,9 @@ class FeatureCache(Transform):
         forecast: what a cached call hands the shallow path: ``None`` the last full call's feature (DeepCache),
             ``"taylor1"`` / ``"taylor2"`` its extrapolation from the last 2 / 3 full calls in the call index
             (TaylorSeer's finite-difference Taylor expansion, :mod:`accel.transforms.forecast`).
+        trust: ``"skill"`` scales each sample's forecast step by how well the forecast did at the last full call,
+            against reuse (:func:`accel.transforms.forecast.skill`: 1 = as extrapolated, 0 = reuse), on the device;
+            extrapolating far (few steps, long gaps) otherwise feeds errors back into the trajectory.
         threshold: ``schedule="adaptive"`` without a calibration: a call is full when the probe's relative L1
             error exceeds this (e.g. 0.05-0.3).
         max_cached: ``schedule="adaptive"``: at most this many consecutive cached calls (MagCache's cap).
@@ -92,6 +95,7 @@ class FeatureCache(Transform):
     correction: str | None = None
     budget: int | None = None
     forecast: str | None = None
+    trust: str | None = None
     threshold: float | None = None
     max_cached: int | None = None
     order = 80
@@ -115,6 +119,15 @@ class FeatureCache(Transform):
         if self.correction not in (None, "dec", "dec-mean"):
             raise ValueError(f"correction {self.correction!r}: use None, 'dec' or 'dec-mean'")
         self._order = forecasting.order_of(self.forecast)
+        if self.trust not in (None, "skill"):
+            raise ValueError(f"trust {self.trust!r}: use None or 'skill'")
+        if self.trust is not None and self._order == 0:
+            raise ValueError("trust='skill' weighs a forecast: give forecast='taylor1' or 'taylor2'")
+        if self.trust is not None and self.correction is not None:
+            raise ValueError("trust='skill' damps each sample's forecast at run time, which the calibrated correction "
+                             "cannot model: use one of trust and correction")
+        self._depth = self._order + 1 + (self.trust is not None)  # full calls kept (skill needs one more)
+        self._skill = None
         if self.schedule == "adaptive":
             if self.threshold is not None and self.budget is not None:
                 raise ValueError("schedule='adaptive' takes budget=K (a calibrated threshold) or threshold=x, not both")
@@ -133,13 +146,18 @@ class FeatureCache(Transform):
         self._sources = 1
         self._stats = _Stats()
 
+    @property
+    def prediction(self) -> str | None:
+        """What cached calls hand on, as calibrations name it: None (reuse), ``"taylor1"``, ``"taylor1+skill"``..."""
+        return None if self.forecast is None else self.forecast + (f"+{self.trust}" if self.trust else "")
+
     # -- the schedule ------------------------------------------------------------------------------
     def full_calls(self, n: int | None) -> list[int] | None:
         """Full-call indices for a pipeline call of ``n`` UNet calls (``None`` = decided per call)."""
         if isinstance(self.schedule, list):
             return schedules.validate(self.schedule, n)
         if self.schedule == "calibrated":
-            return self._calib.full_calls(n, forecast=self.forecast)  # checks n against the calibrated call count
+            return self._calib.full_calls(n, forecast=self.prediction)  # checks n against the calibrated call count
         if self.schedule == "dp":
             self._calib.check_calls(n)
             return self._calib.dp_calls()
@@ -159,7 +177,7 @@ class FeatureCache(Transform):
             full = self.full_calls(clock.total)
             self._plan = set(full) if full is not None else None
             self._shape, self._run = clock.batch_shape, 0
-            self._idx, self._features, self._probes = [], [], []
+            self._idx, self._features, self._probes, self._skill = [], [], [], None
             self._stats.begin()
             if self.correction is not None:
                 self._calib.check_calls(clock.total)
@@ -180,16 +198,16 @@ class FeatureCache(Transform):
             self._full = t in self._plan
         if clock.batch_shape != self._shape:  # a different batch than the kept features: recompute
             self._full, self._open, self._shape = True, False, clock.batch_shape
-            self._idx, self._features, self._probes = [], [], []
+            self._idx, self._features, self._probes, self._skill = [], [], [], None
         self._prepare(t)
         if not self._open:
             self._settle(t)
 
     def _prepare(self, t):
         """The forecast weights for call ``t`` from the full calls kept (used if ``t`` is cached)."""
-        self._sources = len(self._idx)
+        self._sources = min(len(self._idx), self._order + 1)
         if self._sources > 1:
-            self._w[: self._sources] = torch.tensor(forecasting.weights(self._idx, t))
+            self._w[: self._sources] = torch.tensor(forecasting.weights(self._idx[: self._sources], t))
 
     def _settle(self, t):
         """The call is decided: count it, and pick the correction of a cached call."""
@@ -197,7 +215,7 @@ class FeatureCache(Transform):
         self._run = 0 if self._full else self._run + 1
         if self._full:
             self._correction = None
-            self._idx = [t] + self._idx[: self._order]
+            self._idx = [t] + self._idx[: self._depth - 1]
         elif self.correction is None:
             self._correction = None
         elif self._dec is not None:
@@ -226,16 +244,21 @@ class FeatureCache(Transform):
         return self._clock.step
 
     def _keep(self, store: list, f):
-        """Keep a full call's feature for the forecast (newest first, ``order + 1`` of them)."""
+        """Keep a full call's feature for the forecast (newest first, as many as the forecast needs)."""
+        if self.trust is not None and store is self._features:
+            self._skill = forecasting.skill(f, store, self._idx, self._order)
         store.insert(0, f)
-        del store[self._order + 1:]
+        del store[self._depth:]
 
     def _forecast(self, store: list):
-        """``sum_m w_m F_{x_m}`` over the kept features (Lagrange form of the Taylor expansion)."""
+        """``sum_m w_m F_{x_m}`` over the kept features (Lagrange form of the Taylor expansion); with
+        ``trust="skill"``, the step from the last feature scaled per sample by the forecast's skill."""
         w = self._w
         h = store[0] * w[0]
         for m in range(1, self._sources):
             h = h + store[m] * w[m]
+        if self._skill is not None and store is self._features:
+            h = torch.lerp(store[0], h, self._skill)
         return h
 
     # -- attach / detach ---------------------------------------------------------------------------
@@ -254,7 +277,7 @@ class FeatureCache(Transform):
             self._calib = ctx.calibration.cache(self.branch, self.budget)
         if self.schedule == "adaptive":
             self._threshold = self.threshold if self.threshold is not None else \
-                self._calib.threshold(self.forecast, self.max_cached, self.correction)
+                self._calib.threshold(self.prediction, self.max_cached, self.correction)
         units, boundary = cached_units(ctx.unet, self.branch)
         self._hooks = {}
         for u in units:

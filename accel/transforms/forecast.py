@@ -21,6 +21,8 @@ cross moments).
 """
 from __future__ import annotations
 
+import torch
+
 ORDERS = {None: 0, "taylor1": 1, "taylor2": 2}
 
 
@@ -48,3 +50,27 @@ def sources(full_calls: list[int], t: int, order: int) -> list[int]:
     (fewer at the start), newest first."""
     before = [j for j in full_calls if j < t]
     return before[::-1][: order + 1]
+
+
+def skill(f: torch.Tensor, kept: list[torch.Tensor], idx: list[int], order: int) -> torch.Tensor:
+    """How far to trust the forecast after the full call that produced ``f`` (call ``idx[0]``), per sample.
+
+    ``kept`` holds the features of the full calls before it (newest first, calls ``idx[1:]``). The forecast the
+    cache would have handed on at this call, ``X`` (from the ``order + 1`` full calls before it), is compared
+    with the truth ``f`` and with reuse of the previous feature; the skill score against persistence, as
+    weather forecasts are scored,
+
+        s = 1 - ||f - X||^2 / ||f - F_prev||^2,   clamped to [0, 1]
+
+    is 1 where the forecast was exact and 0 where it did no better than reuse (with one earlier full call the
+    forecast *is* reuse: 0). Computed on the device, no sync. Returns ``(B, 1, ...)`` (or a 0-dim zero)."""
+    n = min(len(kept), order + 1)
+    if n < 2:
+        return torch.zeros((), device=f.device, dtype=f.dtype)
+    w = weights(idx[1:1 + n], idx[0])
+    x = kept[0] * w[0]
+    for m in range(1, n):
+        x = x + kept[m] * w[m]
+    err = (f - x).flatten(1).pow(2).sum(1)
+    ref = (f - kept[0]).flatten(1).pow(2).sum(1).clamp_min(1e-30)
+    return (1 - err / ref).clamp(0, 1).view(-1, *[1] * (f.dim() - 1)).to(f.dtype)
