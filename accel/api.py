@@ -80,6 +80,7 @@ class Handle:
             t.detach(self._ctx())
         self._attached = []
         if self.clock is not None:
+            self.clock.remove_listener(_guidance_key(self))
             hooks.release_clock(self.unet)
             self.clock = None
         handles = _active.get(self.unet, [])
@@ -137,7 +138,36 @@ def apply(target, transforms, calibration=None) -> Handle:
     ts = sorted(ts, key=lambda t: t.order)
     handle = Handle(unet, pipe, ts, recipe_name, calibration)
     handle._attach()
+    if calibration is not None and pipe is not None:
+        handle.clock.add_listener(_guidance_key(handle), _guidance_check(calibration, weakref.ref(pipe)))
     return handle
+
+
+def _guidance_key(handle) -> str:
+    return f"accel.guidance.{id(handle)}"
+
+
+def _guidance_check(calibration, pipe_ref):
+    """At the first UNet call of a pipeline call: the call's guidance scale against the calibration's
+    (:meth:`Calibration.check_guidance`: an error when classifier-free guidance is on in one and off in the other)."""
+    def check(clock):
+        pipe = pipe_ref()
+        if clock.step == 0 and pipe is not None:
+            calibration.check_guidance(getattr(pipe, "_guidance_scale", None))
+    return check
+
+
+def load_pipeline(path_or_id, pipeline_class=None, **kwargs):
+    """diffusers' ``from_pretrained`` (``pipeline_class``, default ``DiffusionPipeline``), every component in
+    float32 unless ``dtype`` / ``torch_dtype`` says otherwise: without it transformers loads a text encoder in the
+    dtype its config stores (the miniature's: float16) beside a float32 UNet, and the first call fails."""
+    import torch
+
+    if pipeline_class is None:
+        from diffusers import DiffusionPipeline as pipeline_class
+    if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+        kwargs["dtype"] = torch.float32
+    return pipeline_class.from_pretrained(path_or_id, **kwargs)
 
 
 class AcceleratedPipeline:
@@ -154,11 +184,9 @@ class AcceleratedPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_id, recipe=None, calibration=None, pipeline_class=None, **kwargs):
-        """Load a pipeline with diffusers' ``from_pretrained`` and apply ``recipe``. A folder written by
-        :meth:`save_pretrained` carries its recipe and calibration, used when none is given."""
-        if pipeline_class is None:
-            from diffusers import DiffusionPipeline as pipeline_class
-        pipe = pipeline_class.from_pretrained(path_or_id, **kwargs)
+        """Load a pipeline with diffusers' ``from_pretrained`` (:func:`load_pipeline`) and apply ``recipe``. A
+        folder written by :meth:`save_pretrained` carries its recipe and calibration, used when none is given."""
+        pipe = load_pipeline(path_or_id, pipeline_class, **kwargs)
         folder = Path(path_or_id)
         if recipe is None and (folder / RECIPE_FILE).is_file():
             recipe = folder / RECIPE_FILE
