@@ -231,11 +231,12 @@ class Calibration:
         be new, an empty folder or a calibration folder; anything else is refused (:func:`check_destination`)."""
         from safetensors.torch import save_file
 
-        from .fileio import new_folder
+        from .fileio import new_folder, umask
 
         path = check_destination(path)
         with new_folder(path, is_calibration_folder, "an accel calibration folder") as tmp:
             save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp / TENSOR_FILE)
+            os.chmod(tmp / TENSOR_FILE, 0o666 & ~umask())  # safetensors writes it 0600
             meta = dict(self.meta, format=FORMAT, version=VERSION)
             meta["files"] = {TENSOR_FILE: {"sha256": _sha256(tmp / TENSOR_FILE),
                                            "bytes": (tmp / TENSOR_FILE).stat().st_size}}

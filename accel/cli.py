@@ -170,14 +170,19 @@ def _recipe_and_calibration(args, guidance: float):
 
 
 def _clip_scorer(spec: str):
+    import logging
+
     from accel.eval import CLIPScorer
 
+    logging.disable(logging.ERROR)  # open_clip logs the error it then raises: say it once
     try:
         return CLIPScorer(spec)
     except ValueError:
         raise
     except (RuntimeError, OSError) as e:  # open_clip: unknown model or tag, weights not available offline
         raise UsageError(f"--clip {spec}: cannot load it ({str(e).splitlines()[0]})") from None
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _settings(args):
@@ -314,7 +319,7 @@ def cmd_calibrate(args):
         calib.save(out)
         print(f"calibration -> {out} ({calib.meta['seconds']} s, {len(prompts)} prompts, "
               f"{calib.meta['scheduler']['unet_calls']} UNet calls)")
-        if "cache" in calib.meta:
+        if any(t["type"] == "FeatureCache" for t in calib.meta["recipe"]["transforms"]):
             c = calib.meta["cache"]
             print(f"DP schedule (branch {c['branch']}, {c['budget']} full calls): {c['dp_schedule']}")
             for k, r in c.get("refined", {}).items():
@@ -459,7 +464,9 @@ def _show_warning(command):
         from accel.errors import AccelWarning
 
         if issubclass(category, AccelWarning):
-            print(f"accel {command}: warning: {message}", file=sys.stderr)
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"accel {command}: warning: {message}", file=sys.stderr)  # on its own line, beside progress bars
         else:
             print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=sys.stderr)
 

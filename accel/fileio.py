@@ -20,7 +20,8 @@ from typing import Callable
 from .errors import AccelError
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's file-creation mask (what a normal file or folder's permissions respect)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -37,7 +38,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a normal file respects the umask
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it 0600; a normal file respects the umask
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(OSError):
