@@ -353,6 +353,11 @@ def cmd_bench(args):
 
 
 # ----------------------------------------------------------------------------------- the parser
+def _device_and_threads(p):
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--threads", type=_int_at_least(1), default=1, help="torch intra-op threads (default 1)")
+
+
 def _common(p, num_images_default=None):
     p.add_argument("--model", default="miniature", help="'miniature' (default) or a diffusers pipeline folder/id")
     p.add_argument("--recipe", help="acceleration recipe: a name in recipes/ (e.g. deepcache-i3) or a .toml file")
@@ -366,8 +371,7 @@ def _common(p, num_images_default=None):
     p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="prompts per pipeline call (default 4)")
     p.add_argument("--clip", default="miniature",
                    help="open_clip model for CLIP score: 'miniature', MODEL:PRETRAINED or local-dir:PATH")
-    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
-    p.add_argument("--threads", type=_int_at_least(1), default=1, help="torch intra-op threads (default 1)")
+    _device_and_threads(p)
 
 
 def _calibrate_parser(sub):
@@ -400,8 +404,7 @@ def _calibrate_parser(sub):
     p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="prompts per pipeline call (default 4)")
     p.add_argument("--out", required=True, help="calibration folder to write: a new folder, an empty one, or a "
                    "calibration to replace (anything else is refused)")
-    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
-    p.add_argument("--threads", type=_int_at_least(1), default=1, help="torch intra-op threads (default 1)")
+    _device_and_threads(p)
     p.set_defaults(func=cmd_calibrate)
 
 
