@@ -80,7 +80,7 @@ class Handle:
             t.detach(self._ctx())
         self._attached = []
         if self.clock is not None:
-            self.clock.remove_listener(_guidance_key(self))
+            self.clock.remove_listener(_check_key(self))
             hooks.release_clock(self.unet)
             self.clock = None
         handles = _active.get(self.unet, [])
@@ -139,20 +139,27 @@ def apply(target, transforms, calibration=None) -> Handle:
     handle = Handle(unet, pipe, ts, recipe_name, calibration)
     handle._attach()
     if calibration is not None and pipe is not None:
-        handle.clock.add_listener(_guidance_key(handle), _guidance_check(calibration, weakref.ref(pipe)))
+        from .calibration import uses_calibration
+
+        if any(uses_calibration(t) for t in ts):
+            handle.clock.add_listener(_check_key(handle), _calibration_check(calibration, weakref.ref(pipe)))
     return handle
 
 
-def _guidance_key(handle) -> str:
-    return f"accel.guidance.{id(handle)}"
+def _check_key(handle) -> str:
+    return f"accel.calibration_check.{id(handle)}"
 
 
-def _guidance_check(calibration, pipe_ref):
-    """At the first UNet call of a pipeline call: the call's guidance scale against the calibration's
-    (:meth:`Calibration.check_guidance`: an error when classifier-free guidance is on in one and off in the other)."""
+def _calibration_check(calibration, pipe_ref):
+    """At the first UNet call of a pipeline call, before the UNet runs: the call's UNet-call count and guidance scale
+    against the calibration's (its statistics are per call; :meth:`Calibration.check_guidance`: an error when
+    classifier-free guidance is on in one and off in the other, a warning for another scale)."""
     def check(clock):
         pipe = pipe_ref()
         if clock.step == 0 and pipe is not None:
+            calibrated = calibration.meta.get("scheduler", {}).get("unet_calls")
+            if calibrated is not None:
+                calibration.check_calls(calibrated, clock.total)
             calibration.check_guidance(getattr(pipe, "_guidance_scale", None))
     return check
 

@@ -145,8 +145,8 @@ def default_guidance(args) -> float:
 
 def _recipe_and_calibration(args, guidance: float):
     """The recipe (loaded: an unknown one fails here) and, with ``--calibration``, a check that it is one, that
-    the recipe uses it, and that it was made at this guidance (on/off: error; another scale: a warning, given
-    at the first pipeline call)."""
+    the recipe uses it, and that it was made at this step count and guidance (on/off: error; another scale: a
+    warning, given at the first pipeline call)."""
     recipe = calib = None
     if args.recipe:
         from accel.recipe import load
@@ -163,6 +163,11 @@ def _recipe_and_calibration(args, guidance: float):
     if not any(uses_calibration(t) for t in recipe.transforms):
         raise UsageError(f"recipe {recipe.name!r} uses no calibration, so --calibration would be ignored "
                          f"(this one was made for {made_for!r}): drop it or use that recipe")
+    sched = calib.meta.get("scheduler", {})
+    if sched.get("steps") is not None and sched["steps"] != args.steps:
+        raise UsageError(f"this calibration was made for {sched['steps']} steps ({sched.get('unet_calls')} UNet calls per "
+                         f"pipeline call), this run has --steps {args.steps}: use --steps {sched['steps']} or recalibrate "
+                         f"with --steps {args.steps}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the warning comes once, at the first pipeline call
         calib.check_guidance(guidance)

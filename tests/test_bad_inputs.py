@@ -257,6 +257,12 @@ def test_guidance_on_off_mismatch_is_refused_before_work(capsys, no_work, calib_
     one_line_error(rc, err, "guidance 3.0", "1.0", "recalibrate")
 
 
+def test_calibration_made_for_another_step_count_is_refused_before_work(capsys, no_work, calib_dir, tmp_path):
+    rc, _, err = cli(capsys, "eval", "--recipe", "cachequant-dp", "--calibration", calib_dir, "--steps", "6",
+                     "--out", tmp_path / "r.json")
+    one_line_error(rc, err, "made for 4 steps (5 UNet calls", "--steps 6")
+
+
 def test_w8a8_with_a_calibration_without_activation_scales(capsys, no_images, calib_dir, tmp_path):
     rc, _, err = cli(capsys, "generate", "--recipe", "w8a8", "--calibration", calib_dir, "--steps", "4",
                      "--out", tmp_path / "o")
@@ -582,6 +588,22 @@ def test_guidance_against_the_calibration(mini, calib_dir):
             warnings.simplefilter("error", AccelWarning)
             assert torch.isfinite(mini(PROMPT, guidance_scale=miniature.GUIDANCE, **kw).images).all()
     assert no_hooks(mini)
+
+
+def test_static_int8_at_another_step_count_is_refused(mini, tmp_path):
+    """Per-call activation scales used at fewer UNet calls than calibrated would quantize call i with call i's
+    scales of another trajectory: refused at the first UNet call, before the UNet runs."""
+    from accel.calibrate import calibrate
+
+    c = calibrate(mini, "w8a8", [PROMPT], steps=4, guidance=miniature.GUIDANCE, batch_size=1, progress=False)
+    kw = dict(guidance_scale=miniature.GUIDANCE, output_type="latent")
+    with accel.apply(mini, "w8a8", calibration=c):
+        with pytest.raises(CalibrationError) as e:
+            mini(PROMPT, num_inference_steps=3, **kw)
+        assert "made for 5 UNet calls" in one_line(e) and "makes 4" in str(e.value)
+        assert torch.isfinite(mini(PROMPT, num_inference_steps=4, **kw).images).all()
+    with accel.apply(mini, accel.Quantize(mode="dynamic"), calibration=c):  # reads no calibration: any step count
+        assert torch.isfinite(mini(PROMPT, num_inference_steps=3, **kw).images).all()
 
 
 def test_compiled_unet_says_apply_first(mini):
