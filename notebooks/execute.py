@@ -4,10 +4,12 @@ reader of the repository sees the plots; a notebook is rewritten only if every c
     python notebooks/execute.py [NOTEBOOK ...]      # default: every notebook in notebooks/
 
 Each runs in a fresh kernel (this Python) inside an empty temporary folder, on the thread count the
-environment sets (``make notebooks`` sets OMP_NUM_THREADS=1).
+environment sets (``make notebooks`` sets OMP_NUM_THREADS=1). Library progress bars (model loading) and tqdm's
+note that ipywidgets is missing are kept out of the stored outputs: they are noise to a reader.
 """
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -21,9 +23,12 @@ def execute(path: str | Path, timeout: int = 3600):
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
+    quiet = "import warnings; warnings.filterwarnings('ignore', message='IProgress not found')"
+    env = dict(os.environ, TQDM_DISABLE="1")  # tqdm's default for every bar the libraries draw
     with tempfile.TemporaryDirectory() as cwd:
         NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
-                       resources={"metadata": {"path": cwd}}).execute()
+                       extra_arguments=[f"--IPKernelApp.exec_lines={quiet}"],
+                       resources={"metadata": {"path": cwd}}).execute(env=env)
     return nb
 
 
