@@ -6,7 +6,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast bench weights scalelong clean
+.PHONY: setup demo test test-fast bench bench-cache notebooks weights scalelong clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -31,9 +31,17 @@ test-fast: setup
 scalelong: setup
 	$(PY) -m accel.miniature.scalelong_experiment --summary docs/scalelong/summary.json
 
-## regenerate docs/BENCHMARKS.md
+## regenerate docs/BENCHMARKS.md (about an hour on one CPU thread)
 bench: setup
 	$(VENV)/bin/accel bench --out docs/BENCHMARKS.md
+
+## regenerate docs/CACHE_BENCHMARKS.md: every cache mode's fidelity against full UNet calls (about 1.5 hours)
+bench-cache: setup
+	$(VENV)/bin/accel bench --sections curves --out docs/CACHE_BENCHMARKS.md
+
+## re-execute the notebooks in place, with their outputs and figures (one CPU thread)
+notebooks: setup
+	$(PY) notebooks/execute.py
 
 ## retrain the miniature world from scratch (about 3 hours on one CPU thread per stage; resumable)
 weights: setup

@@ -95,6 +95,7 @@ class Handle:
             t.detach(self._ctx())
         self._attached = []
         if self.clock is not None:
+            self.clock.remove_listener(_check_key(self))
             hooks.release_clock(self.unet)
             self.clock = None
         handles = _active.get(self.unet, [])
@@ -152,7 +153,43 @@ def apply(target, transforms, calibration=None) -> Handle:
     ts = sorted(ts, key=lambda t: t.order)
     handle = Handle(unet, pipe, ts, recipe_name, calibration)
     handle._attach()
+    if calibration is not None and pipe is not None:
+        from .calibration import uses_calibration
+
+        if any(uses_calibration(t) for t in ts):
+            handle.clock.add_listener(_check_key(handle), _calibration_check(calibration, weakref.ref(pipe)))
     return handle
+
+
+def _check_key(handle) -> str:
+    return f"accel.calibration_check.{id(handle)}"
+
+
+def _calibration_check(calibration, pipe_ref):
+    """At the first UNet call of a pipeline call, before the UNet runs: the call's UNet-call count and guidance scale
+    against the calibration's (its statistics are per call; :meth:`Calibration.check_guidance`: an error when
+    classifier-free guidance is on in one and off in the other, a warning for another scale)."""
+    def check(clock):
+        pipe = pipe_ref()
+        if clock.step == 0 and pipe is not None:
+            calibrated = calibration.meta.get("scheduler", {}).get("unet_calls")
+            if calibrated is not None:
+                calibration.check_calls(calibrated, clock.total)
+            calibration.check_guidance(getattr(pipe, "_guidance_scale", None))
+    return check
+
+
+def load_pipeline(path_or_id, pipeline_class=None, **kwargs):
+    """diffusers' ``from_pretrained`` (``pipeline_class``, default ``DiffusionPipeline``), every component in
+    float32 unless ``dtype`` / ``torch_dtype`` says otherwise: without it transformers loads a text encoder in the
+    dtype its config stores (the miniature's: float16) beside a float32 UNet, and the first call fails."""
+    import torch
+
+    if pipeline_class is None:
+        from diffusers import DiffusionPipeline as pipeline_class
+    if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+        kwargs["dtype"] = torch.float32
+    return pipeline_class.from_pretrained(path_or_id, **kwargs)
 
 
 class AcceleratedPipeline:
@@ -169,11 +206,9 @@ class AcceleratedPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_id, recipe=None, calibration=None, pipeline_class=None, **kwargs):
-        """Load a pipeline with diffusers' ``from_pretrained`` and apply ``recipe``. A folder written by
-        :meth:`save_pretrained` carries its recipe and calibration, used when none is given."""
-        if pipeline_class is None:
-            from diffusers import DiffusionPipeline as pipeline_class
-        pipe = pipeline_class.from_pretrained(path_or_id, **kwargs)
+        """Load a pipeline with diffusers' ``from_pretrained`` (:func:`load_pipeline`) and apply ``recipe``. A
+        folder written by :meth:`save_pretrained` carries its recipe and calibration, used when none is given."""
+        pipe = load_pipeline(path_or_id, pipeline_class, **kwargs)
         folder = Path(path_or_id)
         if recipe is None and (folder / RECIPE_FILE).is_file():
             recipe = folder / RECIPE_FILE

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -576,32 +575,3 @@ def run(args) -> str:
         out.append("## torch.compile\n")
         out.append(compile_graph_breaks(mini, accel_cache(3, 0)) + "\n")
     return "\n".join(out)
-
-
-def add_parser(sub):
-    p = sub.add_parser("bench", help="cost model, speed and quality side by side -> docs/BENCHMARKS.md")
-    p.add_argument("--out", default="docs/BENCHMARKS.md")
-    p.add_argument("--sections", default="cost,speed,quality,quant,asdm,curves,compile,gpu")
-    p.add_argument("--curve-refine-evals", type=int, default=40,
-                   help="refinement runs per start and budget in the curves section's calibrations (default 40)")
-    p.add_argument("--intervals", type=lambda s: [int(x) for x in s.split(",")], default=[3, 5])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sd-steps", type=int, default=20)
-    p.add_argument("--sd-repeats", type=int, default=2, help="interleaved runs per method on SD 1.5 (default 2)")
-    p.add_argument("--sd-latent", type=int, default=32)
-    p.add_argument("--quick", action="store_true", help="miniature only (no SD 1.5 architecture)")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=main_args)
-
-
-def main_args(args):
-    args.command_line = "accel bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "accel bench"
-    from .fileio import write_text_atomic
-
-    text = run(args)
-    out = write_text_atomic(args.out, text)
-    print(text)
-    print(f"\nwritten: {out}")

@@ -9,7 +9,6 @@ partial sums are gathered and added in global batch order, so the artifact equal
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from diffusers.hooks import ModelHook
@@ -265,14 +264,73 @@ def _consumers(unet, branch: int) -> list[str]:
     return [f"up_blocks.{ub}.resnets.{k}.{n}" for n in names]
 
 
+DEFAULT_BUDGET = 10  # full UNet calls per pipeline call when no budget is given
+
+
+def unet_calls(pipe, steps: int) -> int:
+    """UNet calls one text-to-image pipeline call of ``steps`` steps makes with the pipeline's scheduler
+    (PNDM: steps + 1), known before running it."""
+    s = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    s.set_timesteps(steps)
+    return len(s.timesteps)
+
+
+def check_recipe(recipe):
+    """The :class:`Recipe` for ``recipe`` if it has something to calibrate, else a one-line ``ValueError``."""
+    from .calibration import uses_calibration
+    from .recipe import available
+
+    r = load_recipe(recipe) if not hasattr(recipe, "transforms") else recipe
+    if not any(uses_calibration(t) for t in r.transforms):
+        users = [n for n in available() if any(uses_calibration(t) for t in load_recipe(n).transforms)]
+        raise ValueError(f"recipe {r.name!r} uses no calibration (none of its transforms reads one): nothing to "
+                         f"calibrate; recipes that use one: {', '.join(users)}")
+    return r
+
+
+def _check_inputs(pipe, prompts, steps, budget, guidance, batch_size, refine_prompts, refine_evals,
+                  uses_budget: bool) -> list[int]:
+    """Every argument of :func:`calibrate` that can be checked before the pipeline runs; returns the budgets."""
+    import math
+    import warnings
+
+    from .errors import AccelWarning
+
+    if not prompts:
+        raise ValueError("no calibration prompts")
+    if steps < 2:
+        raise ValueError("--steps must be >= 2")
+    for name, v in (("--batch-size", batch_size), ("--refine-prompts", refine_prompts), ("--refine-evals", refine_evals)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if not math.isfinite(guidance):
+        raise ValueError(f"--guidance must be a finite number, got {guidance}")
+    n = unet_calls(pipe, steps)
+    given = budget is not None
+    budgets = [int(b) for b in (budget if isinstance(budget, (list, tuple)) else [budget if given else DEFAULT_BUDGET])]
+    if not budgets or min(budgets) < 1:
+        raise ValueError("--budget must be >= 1")
+    if not uses_budget:  # W8A8 alone: the budget only sets the default of the stored cache statistics
+        if given:
+            warnings.warn("--budget is ignored: the recipe has no FeatureCache and no Inherit(schedule='calibrated')",
+                          AccelWarning, stacklevel=3)
+        return [min(DEFAULT_BUDGET, n)]
+    if max(budgets) > n:
+        what = f"--budget {' '.join(map(str, budgets))}" if given else f"the default --budget {DEFAULT_BUDGET}"
+        raise ValueError(f"{what}: full calls must be in 1..{n}, the UNet calls of one pipeline call at {steps} steps "
+                         f"({type(pipe.scheduler).__name__}); give --budget K with K <= {n}")
+    return budgets
+
+
 def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, steps: int = 50,
-              budget: int | list[int] = 10, seed: int = 0, guidance: float = 7.5, batch_size: int = 4,
+              budget: int | list[int] | None = None, seed: int = 0, guidance: float = 7.5, batch_size: int = 4,
               constrained: bool = True, prompt_source: str = "miniature grammar (train stream)", progress: bool = True,
               refine: bool = True, refine_prompts: int = 4, refine_evals: int = 60) -> Calibration:
     """Calibrate ``pipe`` for ``recipe`` and return the :class:`Calibration` (``.save(DIR)`` writes it).
 
     ``budget``: full UNet calls per pipeline call, or a list of them (the first is the default budget of the
-    artifact). With a cache and ``refine``, each budget's DP schedule is refined by :func:`refine_schedule` on
+    artifact; default :data:`DEFAULT_BUDGET`); a recipe without a cache or a calibrated ``Inherit`` needs none
+    (a given one is ignored, with a warning). With a cache and ``refine``, each budget's DP schedule is refined by :func:`refine_schedule` on
     the first ``refine_prompts`` prompts (at most ``refine_evals`` pipeline runs per start); other budgets
     asked for later get the DP schedule alone."""
     import diffusers
@@ -282,22 +340,16 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
     from .transforms.quantize import Quantize
 
     t0 = time.time()
-    r = load_recipe(recipe) if not hasattr(recipe, "transforms") else recipe
+    r = check_recipe(recipe)
     caches = [t for t in r.transforms if isinstance(t, FeatureCache)]
     quants = [t for t in r.transforms if isinstance(t, Quantize)]
     inherits = [t for t in r.transforms if isinstance(t, Inherit) and t.schedule == "calibrated"]
-    if not caches and not quants and not inherits:
-        raise ValueError(f"recipe {r.name!r} has nothing to calibrate (no FeatureCache, Quantize or "
-                         "Inherit(schedule='calibrated'))")
     prompts = prompts if prompts is not None else miniature.prompts(8, seed=seed, split="train")
     unet, pipe = resolve(pipe)
     if pipe is None:
         raise ValueError("calibration needs the pipeline (it runs it), not a bare UNet")
-    if steps < 2:
-        raise ValueError("--steps must be >= 2")
-    budgets = [int(b) for b in (budget if isinstance(budget, (list, tuple)) else [budget])]
-    if not budgets or min(budgets) < 1:
-        raise ValueError("--budget must be >= 1")
+    budgets = _check_inputs(pipe, prompts, steps, budget, guidance, batch_size, refine_prompts, refine_evals,
+                            uses_budget=bool(caches or inherits))
     budget = budgets[0]
     meta = {
         "recipe": {"name": r.name, "transforms": [t.to_dict() for t in r.transforms]},
@@ -475,70 +527,3 @@ def refine_schedule(pipe, cache: FeatureCache, calib: Calibration, start: list[i
     full, db, _ = found[best]
     return {"schedule": full, "dp": list(start), "dp_error_db": round(error_db(start), 3), "error_db": round(db, 3),
             "from": best, "evals": len(measured), "prompts": len(prompts), "seconds": round(time.time() - t0, 2)}
-
-
-def add_parser(sub):
-    p = sub.add_parser("calibrate", help="calibrate a model for a recipe once (writes accel.json + safetensors)")
-    p.add_argument("model", nargs="?", default="miniature", help="'miniature' (default) or a pipeline folder/id")
-    p.add_argument("--recipe", default="cachequant-dp")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--budget", type=int, nargs="+", default=[10],
-                   help="full UNet calls per pipeline call (default 10); several values refine a schedule for each, "
-                        "the first is the artifact's default")
-    p.add_argument("--prompts", type=Path, help="calibration prompts, one per line (default: 8 miniature captions)")
-    p.add_argument("--num-prompts", type=int, help="use this many prompts (cycled)")
-    p.add_argument("--unconstrained", action="store_true", help="no group-length bounds in the DP")
-    p.add_argument("--no-refine", dest="refine", action="store_false",
-                   help="keep the DP schedule as it is (default: refine it on the final samples' error)")
-    p.add_argument("--refine-prompts", type=int, default=4, help="calibration prompts the refinement runs (default 4)")
-    p.add_argument("--refine-evals", type=int, default=60,
-                   help="at most this many pipeline runs per start of the refinement, per budget (default 60)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 3.0 for the miniature, "
-                   "7.5 otherwise; calibrate at the scale you generate with)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--out", required=True, help="calibration folder to write")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=cmd_calibrate)
-
-
-def cmd_calibrate(args):
-    from .cli import load_model
-    from .dist import state
-    from .eval.runner import load_prompts
-
-    if args.prompts is None:
-        from accel import miniature
-
-        prompts = miniature.prompts(args.num_prompts or 8, seed=args.seed, split="train")
-        source = "miniature grammar (train stream)"
-    else:
-        prompts = load_prompts(args.prompts, args.num_prompts, seed=args.seed)
-        source = str(args.prompts)
-    pipe = load_model(args.model, args.device)
-    from .cli import default_guidance
-
-    calib = calibrate(pipe, args.recipe, prompts, args.steps, args.budget, args.seed, default_guidance(args),
-                      args.batch_size, not args.unconstrained, source, refine=args.refine,
-                      refine_prompts=args.refine_prompts, refine_evals=args.refine_evals)
-    if state().is_main_process:
-        calib.save(args.out)
-        print(f"calibration -> {Path(args.out).resolve()} ({calib.meta['seconds']} s, {len(prompts)} prompts, "
-              f"{calib.meta['scheduler']['unet_calls']} UNet calls)")
-        if "cache" in calib.meta:
-            c = calib.meta["cache"]
-            print(f"DP schedule (branch {c['branch']}, {c['budget']} full calls): {c['dp_schedule']}")
-            for name, r in c.get("refined", {}).items():
-                forecast, _, k = name.rpartition(".")
-                k, forecast = int(k), forecast or None
-                print(f"refined schedule, {k} full calls: {calib.cache(c['branch']).full_calls(None, k, forecast)} "
-                      f"(final-latent error {r['dp_error_db']:+.2f} dB -> {r['error_db']:+.2f} dB, {r['evals']} runs, "
-                      f"{r['seconds']:.0f} s)")
-            for a in c.get("adaptive", []):
-                for k, tau in a["thresholds"].items():
-                    print(f"adaptive threshold, {k} full calls (forecast={a['forecast']}): {tau:.4g} "
-                          f"(measured {a['full_calls'][k]:.2f} full calls per prompt)")
-        if "inherit" in calib.meta:
-            c = calib.meta["inherit"]
-            print(f"inheritance schedule ({len(c['targets'])} targets run at {c['budget']} calls): {c['schedule']}")

@@ -4,21 +4,21 @@
 scheduler class and UNet calls per pipeline call, prompt source, seeds) and carries the SHA-256 of the
 tensor file. Loading uses JSON and safetensors only (never pickle) and raises :class:`CalibrationError`
 with what to do on a missing, truncated or corrupted file, NaN/inf values, another model, another
-scheduler, or another step count. Writing is atomic: a temporary folder renamed into place.
+scheduler, or another step count. Writing is atomic: a temporary folder renamed into place; an existing folder is
+replaced only if it is a calibration (anything else is refused before any work: :func:`check_destination`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
-import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
 from . import schedules
-from .errors import CalibrationError
+from .errors import AccelWarning, CalibrationError
 from .transforms.dec import CacheDEC, Moments, coefficient, coefficients
 
 FORMAT = "accel-calibration"
@@ -71,6 +71,39 @@ def refined_key(branch: int, budget: int, forecast: str | None = None) -> str:
     return f"cache.b{branch}.refined.{refined_name(budget, forecast)}"
 
 
+def is_calibration_folder(path: Path) -> bool:
+    """A folder holding only what :meth:`Calibration.save` writes, with an ``accel.json`` of this format."""
+    try:
+        names = {p.name for p in Path(path).iterdir()}
+        if META_FILE not in names or not names <= {META_FILE, TENSOR_FILE}:
+            return False
+        return json.loads((Path(path) / META_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_destination(path: str | os.PathLike, flag: str = "") -> Path:
+    """Where :meth:`Calibration.save` may write: a new folder, an empty one, or a calibration (replaced);
+    anything else raises a one-line error before any work."""
+    from .fileio import check_destination as check
+
+    return check(path, is_calibration_folder, "an accel calibration folder", folder=True, flag=flag)
+
+
+def uses_calibration(transform) -> bool:
+    """Whether ``transform`` reads a calibration when one is given (what ``accel calibrate`` is for)."""
+    from .transforms import FeatureCache, Inherit, Quantize
+
+    if isinstance(transform, FeatureCache):
+        return transform.schedule in ("calibrated", "dp") or transform.correction is not None or \
+            (transform.schedule == "adaptive" and transform.threshold is None)
+    if isinstance(transform, Quantize):
+        return transform.mode != "dynamic"
+    if isinstance(transform, Inherit):
+        return transform.schedule == "calibrated"
+    return False
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -94,7 +127,10 @@ class CacheCalibration:
                                calib.tensors[f"{key}.cross"].double())
         self.n = self.distance.shape[0]
         cache_meta = calib.meta.get("cache", {})
-        self.budget = budget or cache_meta.get("budget")
+        if budget is not None and not 1 <= budget <= self.n:
+            raise CalibrationError(f"cache budget {budget} must be in 1..{self.n}: this calibration has {self.n} UNet "
+                                   "calls per pipeline call")
+        self.budget = budget if budget is not None else cache_meta.get("budget")
         self.constrained = cache_meta.get("constrained", True)
 
     def check_calls(self, n: int | None):
@@ -116,8 +152,8 @@ class CacheCalibration:
         return sorted(int(k[len(pre):]) for k in self.calib.tensors if k.startswith(pre) and k[len(pre):].isdigit())
 
     def _budget(self, budget: int | None) -> int:
-        k = budget or self.budget
-        if not k:
+        k = budget if budget is not None else self.budget
+        if k is None:
             raise CalibrationError("no budget: give FeatureCache(budget=K) or calibrate with --budget K")
         if not 1 <= k <= self.n:
             raise CalibrationError(f"budget {k} must be in 1..{self.n} (UNet calls per pipeline call)")
@@ -210,8 +246,8 @@ class Calibration:
         D = sum(d / d.mean().clamp_min(1e-30) for d in dists)
         N = D.shape[0]
         self.check_calls(N, n)
-        k = budget or meta.get("budget")
-        if not k or not 1 <= k <= N:
+        k = budget if budget is not None else meta.get("budget")
+        if k is None or not 1 <= k <= N:
             raise CalibrationError(f"Inherit budget {k} must be in 1..{N}")
         lo, hi = schedules.paper_bounds(N, k)
         return schedules.dp_schedule(schedules.group_cost(D=D.numpy()), k, lo, hi)[0]
@@ -225,35 +261,43 @@ class Calibration:
                 f"of {sched.get('class')}) but this call makes {n}: recalibrate with `accel calibrate --steps ...` "
                 "for this step count")
 
+    def check_guidance(self, guidance: float | None):
+        """Compare the guidance scale of a pipeline call with the calibration's: classifier-free guidance on in
+        one and off in the other (scale <= 1: the UNet batch halves, the statistics are of another batch) is a
+        :class:`CalibrationError`; another scale with guidance on in both, a warning (the statistics depend on it)."""
+        made = self.meta.get("generation", {}).get("guidance")
+        if guidance is None or made is None or float(guidance) == float(made):
+            return
+        cfg_made, cfg_now = made > 1, guidance > 1
+        if cfg_made != cfg_now:
+            raise CalibrationError(
+                f"this calibration was made at guidance {made} (classifier-free guidance {'on' if cfg_made else 'off'}), "
+                f"this run uses {guidance} (guidance {'on' if cfg_now else 'off'}: the UNet batch "
+                f"{'doubles' if cfg_now else 'halves'}); recalibrate with `accel calibrate --guidance {guidance}`")
+        warnings.warn(f"this calibration was made at guidance {made}, this run uses {guidance}: its statistics depend "
+                      f"on the scale; for the best schedule recalibrate with --guidance {guidance}", AccelWarning,
+                      stacklevel=2)
+
     def quant(self) -> QuantCalibration | None:
         """The quantization statistics, or None if this calibration has none."""
         return QuantCalibration(self) if any(k.startswith("quant.scale_") for k in self.tensors) else None
 
     # -- writing -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically: everything goes to a temporary folder that replaces ``path`` at the end."""
+        """Write atomically: everything goes to a temporary folder that replaces ``path`` at the end. ``path`` may
+        be new, an empty folder or a calibration folder; anything else is refused (:func:`check_destination`)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        from .fileio import new_folder, umask
+
+        path = check_destination(path)
+        with new_folder(path, is_calibration_folder, "an accel calibration folder") as tmp:
             save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp / TENSOR_FILE)
+            os.chmod(tmp / TENSOR_FILE, 0o666 & ~umask())  # safetensors writes it 0600
             meta = dict(self.meta, format=FORMAT, version=VERSION)
             meta["files"] = {TENSOR_FILE: {"sha256": _sha256(tmp / TENSOR_FILE),
                                            "bytes": (tmp / TENSOR_FILE).stat().st_size}}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
-            old = None
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.meta = meta
         return path
 

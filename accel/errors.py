@@ -19,3 +19,7 @@ class RecipeError(AccelError):
 
 class TransformConflictError(AccelError):
     """Two transforms cannot be applied together (or one is applied twice)."""
+
+
+class AccelWarning(UserWarning):
+    """A legitimate but risky combination (e.g. a calibration used at another guidance scale)."""

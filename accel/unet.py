@@ -31,6 +31,11 @@ def resolve(target) -> tuple[torch.nn.Module, object | None]:
     unet = getattr(target, "unet", None)
     if unet is not None and is_unet(unet):
         return unet, target
+    for model, where in ((target, "this UNet"), (unet, "the pipeline's UNet")):
+        if is_unet(getattr(model, "_orig_mod", None)):  # torch.compile's OptimizedModule around a UNet
+            raise UnsupportedModelError(
+                f"{where} is compiled (torch.compile): accel transforms the model itself, so apply first, then "
+                "compile: accel.apply(pipe, ...); pipe.unet = torch.compile(pipe.unet)")
     what = type(target).__name__
     inner = getattr(target, "transformer", None)
     hint = f" (its denoiser is a {type(inner).__name__}, a transformer: not a UNet)" if inner is not None else ""

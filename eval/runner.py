@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ def load_prompts(path: str | os.PathLike | None, num_images: int | None, seed: i
     if path is None:
         from accel import miniature
 
-        return miniature.prompts(num_images or 16, seed=seed)
+        return miniature.prompts(16 if num_images is None else num_images, seed=seed)
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompt file not found: {p}")
@@ -109,15 +110,16 @@ def mean_and_sem(values: list[float]) -> tuple[float, float]:
     return m, sem
 
 
-def evaluate(pipe, prompts: list[str], settings: GenerationSettings, clip: str = "miniature",
+def evaluate(pipe, prompts: list[str], settings: GenerationSettings, clip="miniature",
              out_dir=None, judge_attributes: bool | None = None, progress: bool = True) -> dict:
-    """Generate, score with CLIP (each process scores its own images), gather; the report as a dict."""
-    from accel.eval.clip_score import CLIPScorer
+    """Generate, score with CLIP (each process scores its own images), gather; the report as a dict.
+    ``clip``: a :class:`CLIPScorer` or its spec (loaded before the first image, so a bad one fails first)."""
+    from accel.eval.clip_score import CLIPScorer, resolve_clip
 
-    records = generate(pipe, prompts, settings, out_dir, progress)
-    scorer = CLIPScorer(clip)
+    scorer = clip if isinstance(clip, CLIPScorer) else CLIPScorer(clip)
     if judge_attributes is None:
-        judge_attributes = clip == "miniature"
+        judge_attributes = scorer.spec.label == resolve_clip("miniature").label
+    records = generate(pipe, prompts, settings, out_dir, progress)
     attrs = None
     if judge_attributes:
         from accel.miniature import parse_caption
@@ -151,6 +153,30 @@ def evaluate(pipe, prompts: list[str], settings: GenerationSettings, clip: str =
         report["judged_correct"] = sum(r["judged_correct"] for r in records) / len(records)
     report["_latents"] = torch.stack([r["latents"] for r in records]) if records else None
     return report
+
+
+REPORT = "report.json"
+_IMAGE_NAME = re.compile(r"\d{5}\.png")
+
+
+def is_report(path: str | os.PathLike) -> bool:
+    """A JSON report this runner wrote (what ``accel eval --out`` may replace)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"clip_model", "images", "clip_score"} <= data.keys()
+
+
+def is_image_folder(path: str | os.PathLike) -> bool:
+    """A folder of images and ``report.json`` as ``accel generate`` writes it, and nothing else (what a new
+    run may replace)."""
+    p = Path(path)
+    try:
+        names = [q.name for q in p.iterdir()]
+    except OSError:
+        return False
+    return REPORT in names and all(n == REPORT or _IMAGE_NAME.fullmatch(n) for n in names) and is_report(p / REPORT)
 
 
 def write_report(report: dict, path: str | os.PathLike):

@@ -364,6 +364,11 @@ class Quantize(Transform):
                                    "`accel calibrate --recipe w8a8` (or cachequant-w8a8)")
         if self.correction == "dec" and qcal is None:
             raise CalibrationError("Quantize(correction='dec') needs a calibration")
+        if self.mode is None and ctx.calibration is not None and qcal is None:
+            made_for = ctx.calibration.meta.get("recipe", {}).get("name", "another recipe")
+            raise CalibrationError(f"the calibration (made for {made_for}) has no activation scales for Quantize: "
+                                   "calibrate with a recipe that holds Quantize (`accel calibrate --recipe w8a8`), or "
+                                   "say Quantize(mode='dynamic')")
         self._mode = self.mode or ("static" if qcal is not None else "dynamic")
         self._qcal, self._unet, self._bias0 = qcal, unet, {}
         self._originals, self._modules = {}, {}
