@@ -18,7 +18,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -30,8 +30,9 @@ class Method:
 
     name: str
     setup: Callable
-    full_calls: Callable | None = None  # n -> number of full calls (for the FLOP-ideal speedup)
+    full_calls: Callable | None = None  # n -> number of full calls (for the FLOP-ideal speedup); None: as spent
     branch: int = 0                     # cache branch whose cached-call FLOPs apply
+    spent: list = field(default_factory=list)  # full calls per timed pipeline call, read from Handle.stats()
 
 
 def baseline() -> Method:
@@ -194,6 +195,9 @@ def time_methods(pipe, methods: list[Method], steps: int, latent: int, repeats: 
                     t0 = time.perf_counter()
                     pipe(prompt, **kw, generator=torch.Generator().manual_seed(0))
                     times[m.name].append(time.perf_counter() - t0)
+                    handle = getattr(undo, "__self__", None)  # accel methods undo with Handle.remove
+                    if hasattr(handle, "stats"):
+                        m.spent.append(handle.stats()["per_pipeline_call"][-1]["full"])
                 finally:
                     undo()
                 bar.update(1)
@@ -209,14 +213,14 @@ def speed_table(pipe, methods, steps, latent, repeats, progress=True) -> tuple[s
     rows, data = [], {}
     for m in methods:
         med = statistics.median(times[m.name])
-        k = m.full_calls(n_calls)
+        k = m.full_calls(n_calls) if m.full_calls is not None else statistics.median(m.spent)
         ideal = 1.0
         if k < n_calls:
             cached = _cached_flops(pipe, latent, m.branch)
             ideal = ideal_speedup(n_calls, k, full, cached)
         speed = base / med
         data[m.name] = dict(median_s=med, speedup=speed, ideal=ideal, runs=times[m.name])
-        rows.append(f"| {m.name} | {k}/{n_calls} | {med:.3f} | {speed:.2f}x | {ideal:.2f}x | {speed / ideal:.2f} |")
+        rows.append(f"| {m.name} | {k:g}/{n_calls} | {med:.3f} | {speed:.2f}x | {ideal:.2f}x | {speed / ideal:.2f} |")
     head = ("| method | full UNet calls | median s per pipeline call | measured speedup | FLOP-ideal | measured/ideal |\n"
             "|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows), data

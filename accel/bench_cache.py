@@ -96,18 +96,22 @@ def modes(k: int, interval: int):
 
     if interval in REFERENCE_ONLY:
         return [("uniform (DeepCache)", FC(interval=interval))]
+    skill = dict(forecast="taylor1", trust="skill")
     return [("uniform (DeepCache)", FC(interval=interval)),
             ("uniform + taylor1", FC(interval=interval, forecast="taylor1")),
+            ("uniform + taylor1 + skill", FC(interval=interval, **skill)),
             ("DP (CacheQuant)", FC(schedule="dp", budget=k)),
             ("refined DP", FC(schedule="calibrated", budget=k)),
             ("refined + taylor1", FC(schedule="calibrated", budget=k, forecast="taylor1")),
             ("refined + taylor1 + DEC-mean", FC(schedule="calibrated", budget=k, forecast="taylor1", correction="dec-mean")),
+            ("refined + taylor1 + skill", FC(schedule="calibrated", budget=k, **skill)),
             ("adaptive", FC(schedule="adaptive", budget=k)),
-            ("adaptive + taylor1", FC(schedule="adaptive", budget=k, forecast="taylor1"))]
+            ("adaptive + taylor1", FC(schedule="adaptive", budget=k, forecast="taylor1")),
+            ("adaptive + taylor1 + skill", FC(schedule="adaptive", budget=k, **skill))]
 
 
-CALIBRATED = ("DP (CacheQuant)", "refined DP", "refined + taylor1", "refined + taylor1 + DEC-mean", "adaptive",
-              "adaptive + taylor1")
+CALIBRATED = ("DP (CacheQuant)", "refined DP", "refined + taylor1", "refined + taylor1 + DEC-mean",
+              "refined + taylor1 + skill", "adaptive", "adaptive + taylor1", "adaptive + taylor1 + skill")
 
 
 def _generate(pipe, prompts, steps, guidance, seed, batch_size=8):
@@ -148,8 +152,8 @@ def measure(scheduler: str, steps: int, num_prompts: int = 32, seed: int = 0, in
     ref_budgets = [len(range(0, n, i)) for i in REFERENCE_ONLY]
     t0 = time.time()
     FC = accel.FeatureCache
-    recipes = [FC(schedule="calibrated"), FC(schedule="calibrated", forecast="taylor1"), FC(schedule="adaptive"),
-               FC(schedule="adaptive", forecast="taylor1")]
+    recipes = [FC(schedule=s, **f) for s in ("calibrated", "adaptive")
+               for f in ({}, dict(forecast="taylor1"), dict(forecast="taylor1", trust="skill"))]
     calibs = [calibrate(pipe, accel.Recipe("curves", [r]), steps=steps, budget=budgets, guidance=GUIDANCE,
                         progress=progress, refine_prompts=refine_prompts, refine_evals=refine_evals)
               for r in tqdm(recipes, desc=f"calibrate {scheduler}", disable=not progress)]
@@ -225,8 +229,8 @@ def _f(x, fmt="{:.2f}", none="—"):
 def markdown(c: Curves) -> str:
     s = summary(c)
     lines = [f"### {c.scheduler}, {c.steps} steps ({c.calls} UNet calls), {c.prompts} held-out prompts\n",
-             f"Calibrations (DP statistics, refined schedules with reuse and with taylor1, adaptive thresholds with and "
-             f"without the forecast, {len(c.budgets)} budgets: {c.budgets}): {c.calibration_s:.0f} s.\n",
+             f"Calibrations (DP statistics; schedules refined and adaptive thresholds found for reuse, taylor1 and "
+             f"taylor1 + skill; {len(c.budgets)} budgets: {c.budgets}): {c.calibration_s:.0f} s.\n",
              "| asked (uniform interval) | mode | full calls spent | PSNR mean | PSNR median | SSIM | flipped | fit PSNR "
              "| iso-fidelity ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for i in sorted({p.interval for p in c.points}):
@@ -245,6 +249,31 @@ def markdown(c: Curves) -> str:
     return "\n".join(lines) + "\n"
 
 
+def speed(args) -> str:
+    """Wall-clock on the SD 1.5 architecture: what the forecast and the probe cost, as measured / FLOP-ideal at the
+    full calls actually spent (random weights: the adaptive decisions say nothing about quality here)."""
+    import accel
+
+    from . import bench
+
+    FC = accel.FeatureCache
+    sd = bench.sd15_architecture_pipeline()
+    methods = [bench.baseline(), bench.accel_cache(5, 0)]
+    for label, kw in (("i5 + taylor1", dict(forecast="taylor1")), ("i5 + taylor1 + skill", dict(forecast="taylor1", trust="skill")),
+                      ("i5 + taylor2", dict(forecast="taylor2"))):
+        methods.append(bench.accel_cache(5, 0, label=f"accel cache {label}", **kw))
+    for label, kw in (("adaptive (threshold 0.1, at most 4 cached)", {}),
+                      ("adaptive + taylor1 + skill (threshold 0.1, at most 4 cached)", dict(forecast="taylor1", trust="skill"))):
+        t = FC(schedule="adaptive", threshold=0.1, max_cached=4, **kw)
+        methods.append(bench.Method(f"accel {label}", lambda pipe, t=t: accel.apply(pipe, t).remove, None, 0))
+    table, _ = bench.speed_table(sd, methods, args.sd_steps, args.sd_latent, args.sd_repeats, progress=not args.quiet)
+    return (f"### What the forecast and the probe cost: SD 1.5 architecture, {args.sd_steps} PNDM steps, "
+            f"{args.sd_latent}x{args.sd_latent} latent, median of {args.sd_repeats} interleaved runs\n\n"
+            "The FLOP-ideal counts full and cached calls only (not the forecast's multiply-adds nor the probe's "
+            "reduction): measured/ideal near 1 means they cost next to nothing. Adaptive rows: full calls as spent.\n\n"
+            + table + "\n")
+
+
 def section(args, scorer=None) -> str:
     parts = ["## Cache modes: fidelity against full UNet calls (miniature, held-out prompts)\n",
              "Each mode is asked for the budget of DeepCache's uniform schedule at intervals "
@@ -258,4 +287,6 @@ def section(args, scorer=None) -> str:
         c = measure(sched, steps, args.num_prompts, args.seed, refine_evals=args.curve_refine_evals,
                     progress=not args.quiet, scorer=scorer)
         parts.append(markdown(c))
+    if not args.quick:
+        parts.append(speed(args))
     return "\n".join(parts)
