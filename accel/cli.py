@@ -214,10 +214,17 @@ def _shared_token() -> str:
     return gather([uuid.uuid4().hex[:12]])[0]
 
 
-def _describe(args, report: dict):
+def _describe(args, report: dict, handle=None):
     report["model"] = args.model or "miniature"
     report["recipe"] = args.recipe
     report["calibration"] = str(Path(args.calibration).resolve()) if args.calibration else None
+    if handle is not None:  # what the recipe spent, summed over the processes
+        from accel.dist import gather
+
+        per = gather([handle.stats()])
+        calls = {k: sum(st[k] for st in per) for k in ("pipeline_calls", "unet_calls", "full", "cached")}
+        calls["full_per_pipeline_call"] = calls["full"] / calls["pipeline_calls"] if calls["pipeline_calls"] else 0.0
+        report["unet_calls"] = calls
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -238,7 +245,7 @@ def cmd_generate(args):
     recipe = _recipe_and_calibration(args, settings.guidance)
     scorer = _clip_scorer(args.clip)
     pipe = load_model(args.model, args.device)
-    _apply_recipe(pipe, args, recipe)
+    handle = _apply_recipe(pipe, args, recipe)
     from accel.dist import state
 
     main = state().is_main_process
@@ -247,7 +254,7 @@ def cmd_generate(args):
         report = runner.evaluate(pipe, prompts, settings, clip=scorer, out_dir=tmp)
         for im in report["images"]:
             im["path"] = str(Path(args.out) / Path(im["path"]).name)
-        _describe(args, report)
+        _describe(args, report, handle)
         if main:
             runner.write_report(report, tmp / runner.REPORT)
     if main:
@@ -278,7 +285,7 @@ def cmd_eval(args):
     recipe = _recipe_and_calibration(args, settings.guidance)
     scorer = _clip_scorer(args.clip)
     pipe = load_model(args.model, args.device)
-    _apply_recipe(pipe, args, recipe)
+    handle = _apply_recipe(pipe, args, recipe)
     from accel.dist import state
 
     main = state().is_main_process
@@ -287,7 +294,7 @@ def cmd_eval(args):
     with folder as tmp:
         report = runner.evaluate(pipe, prompts, settings, clip=scorer, out_dir=tmp, progress=not args.quiet)
         report["prompts_file"] = str(args.prompts) if args.prompts else "miniature grammar (held-out stream)"
-        _describe(args, report)
+        _describe(args, report, handle)
         if tmp is not None:
             for im in report["images"]:
                 im["path"] = str(Path(args.save_images) / Path(im["path"]).name)

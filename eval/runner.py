@@ -192,5 +192,9 @@ def table(report: dict) -> str:
             ("CLIP score", f"{report['clip_score']:.3f} ± {report['clip_score_sem']:.3f} (sem)")]
     if "judged_correct" in report:
         rows.append(("shape+colour right", f"{100 * report['judged_correct']:.1f}%"))
+    if report.get("unet_calls"):
+        c = report["unet_calls"]
+        rows.append(("UNet calls", f"{c['full']} full + {c['cached']} cached in {c['pipeline_calls']} pipeline calls "
+                                   f"({c['full_per_pipeline_call']:.2f} full per pipeline call)"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

@@ -384,6 +384,8 @@ def test_eval_report_records_the_calibration(capsys, calib_dir, tmp_path):
     assert rc == 0, err
     rep = json.loads(out.read_text())
     assert rep["calibration"] == str(calib_dir.resolve()) and rep["recipe"] == "cachequant-dp"
+    # what the recipe spent: 4 PNDM steps are 5 UNet calls, the calibrated budget is 2 full calls
+    assert rep["unet_calls"] == {"pipeline_calls": 1, "unet_calls": 5, "full": 2, "cached": 3, "full_per_pipeline_call": 2.0}
     assert sorted(p.name for p in images.iterdir()) == ["00000.png", "report.json"]
     rc, _, err = cli(capsys, "eval", "--num-images", "1", "--steps", "2", "--save-images", images, "--quiet",
                      "--out", out)  # both are ours now: replaced
@@ -393,7 +395,7 @@ def test_eval_report_records_the_calibration(capsys, calib_dir, tmp_path):
 
 # ----------------------------------------------------------------------------------- bench
 @pytest.mark.parametrize("args,needle", [
-    (["--sections", "speeed", "--out", "{tmp}/B.md"], "valid: cost,speed,quality,quant,asdm,compile,gpu"),
+    (["--sections", "speeed", "--out", "{tmp}/B.md"], "valid: cost,speed,quality,quant,asdm,compile,gpu,curves"),
     (["--sections", "cost,", "--out", "{tmp}/B.md"], "unknown section"),
     ([], "--out"),
     (["--intervals", "0,3", "--out", "{tmp}/B.md"], "--intervals"),
