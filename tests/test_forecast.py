@@ -269,3 +269,17 @@ def test_trusted_forecast_lerps_by_the_skill(tokenizer_dir):
         accel.FeatureCache(interval=2, trust="skill")
     with pytest.raises(ValueError, match="one of trust and correction"):
         accel.FeatureCache(schedule="calibrated", forecast="taylor1", trust="skill", correction="dec")
+
+
+def test_batches_and_guidance_off(tokenizer_dir):
+    pipe = make_pipe("sd", tokenizer_dir)
+    for guidance in (1.0, 7.5):
+        base = run(pipe, batch=3, guidance=guidance)
+        for t in (accel.FeatureCache(interval=3, forecast="taylor1", trust="skill"),
+                  accel.FeatureCache(schedule="adaptive", threshold=0.2, forecast="taylor2")):
+            with accel.apply(pipe, t) as h:
+                out = run(pipe, batch=3, guidance=guidance)
+                assert out.shape == base.shape and torch.isfinite(out).all()
+                assert h.clock.batch_shape[0] == (3 if guidance == 1.0 else 6)
+                run(pipe, batch=1, guidance=guidance)  # another batch size: the kept features are not reused
+            assert torch.equal(run(pipe, batch=3, guidance=guidance), base)
