@@ -1,7 +1,7 @@
 """What a GPU would run, measured without one: compile every Triton kernel variant in every autotune config for
 sm_80 (A100) and sm_90a (H100) on this machine and read registers, spills and shared memory from ``ptxas``.
 
-    python -m accel.kernels.build_report --out DIR [--arch 80 90] [--only NAME ...] [--jobs N]
+    python -m accel.kernels.build_report --out DIR [--arch 80 90] [--only VARIANT ...] [--configs LABEL ...] [--jobs N]
 
 writes ``DIR/<variant>.<config>.sm_<arch>.ptx`` and ``DIR/report.json``: one row per build with the kernel,
 variant, config, arch, registers, spill store/load bytes, shared memory (Triton's allocation), and the count of
@@ -102,13 +102,15 @@ def _configs(kernel):
     return [("block1024w4", {"BLOCK": 1024} if "BLOCK" in _jit_fn(kernel).arg_names else {"BLOCK_K": 1024}, 4, 3)]
 
 
-def builds(only: list[str] | None = None, archs=ARCHS) -> list[tuple]:
+def builds(only: list[str] | None = None, archs=ARCHS, configs: list[str] | None = None) -> list[tuple]:
     kernels = _kernels()
     out = []
     for name, (kname, ptrs, flags) in VARIANTS.items():
         if only and not any(name == o or name.startswith(o + ".") for o in only):
             continue
         for label, cfg, warps, stages in _configs(kernels[kname][0]):
+            if configs and not any(label.startswith(c) for c in configs):
+                continue
             for arch in archs:
                 out.append((name, kname, ptrs, flags, label, cfg, warps, stages, arch))
     return out
@@ -168,11 +170,11 @@ def _compile_star(args):
     return compile_one(*args)
 
 
-def run(out_dir, only=None, archs=ARCHS, jobs: int = 1) -> list[dict]:
+def run(out_dir, only=None, archs=ARCHS, jobs: int = 1, configs=None) -> list[dict]:
     """Build everything (in this process: Triton must not be in interpreter mode) and write ``report.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    todo = builds(only, archs)
+    todo = builds(only, archs, configs)
     if not todo:
         raise SystemExit(f"no kernel variant matches {only}; variants: {', '.join(VARIANTS)}")
     if jobs > 1:
@@ -214,13 +216,14 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="folder for the PTX files and report.json (created)")
     p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
     p.add_argument("--only", nargs="+", help=f"variant names or prefixes (of: {', '.join(VARIANTS)})")
+    p.add_argument("--configs", nargs="+", help="tile configs whose label starts with these (e.g. 128x128)")
     p.add_argument("--jobs", type=int, default=1, help="parallel compilations")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         env = dict(os.environ, TRITON_INTERPRET="0")
         return subprocess.call([sys.executable, "-m", "accel.kernels.build_report"] + list(argv or sys.argv[1:]),
                                env=env)
-    rows = run(args.out, args.only, tuple(args.arch), args.jobs)
+    rows = run(args.out, args.only, tuple(args.arch), args.jobs, args.configs)
     print(table(rows))
     s = summary(rows)
     print(f"\n{s['builds']} builds, max {s['max_registers']} registers; spilling: {len(s['spilling'])}; "

@@ -42,7 +42,7 @@ INT32_LIMIT = 2 ** 31
 
 def _configs(gpu: list[dict], interp: dict, warps=4, stages=3, group_m=8):
     if INTERPRET:
-        return [triton.Config(dict(interp, GROUP_M=1), num_warps=1, num_stages=1)]
+        return [triton.Config(dict(interp, GROUP_M=2), num_warps=1, num_stages=1)]
     out = []
     for c in gpu:
         c = dict(c)
@@ -56,12 +56,12 @@ GEMM_CONFIGS = _configs(
     [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, warps=8), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
      dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, warps=8), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, stages=4),
      dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, stages=4)],
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32))
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32))
 
 CONV_CONFIGS = _configs(
     [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, warps=8), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
      dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, warps=8), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)],
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16))
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32))
 
 A_INT8, A_STATIC, A_DYNAMIC = 0, 1, 2
 
