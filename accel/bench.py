@@ -576,7 +576,8 @@ def run(args) -> str:
 
 def add_parser(sub):
     p = sub.add_parser("bench", help="cost model, speed and quality side by side -> docs/BENCHMARKS.md")
-    p.add_argument("--out", default="docs/BENCHMARKS.md")
+    p.add_argument("--out", default=None, help="report path (default docs/BENCHMARKS.md; with --gpu "
+                                                   "docs/GPU_BENCHMARKS.md)")
     p.add_argument("--sections", default="cost,speed,quality,quant,asdm,compile,gpu")
     p.add_argument("--intervals", type=lambda s: [int(x) for x in s.split(",")], default=[3, 5])
     p.add_argument("--repeats", type=int, default=3)
@@ -588,6 +589,12 @@ def add_parser(sub):
     p.add_argument("--quick", action="store_true", help="miniature only (no SD 1.5 architecture)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    g = p.add_argument_group("GPU benchmark (accel.bench_gpu)")
+    g.add_argument("--gpu", action="store_true", help="the GPU benchmark instead: kernels vs reference, int8 layer "
+                                                      "throughput on SD 1.5 / SDXL shapes, end to end (CUDA; else 'not run')")
+    g.add_argument("--dry-run", action="store_true", help="with --gpu: run its code on CPU with tiny models (no GPU figures)")
+    g.add_argument("--gpu-models", default="sd15,sdxl", help="with --gpu: sd15, sdxl or both (default)")
+    g.add_argument("--gpu-steps", type=int, default=50, help="with --gpu: denoising steps end to end (default 50)")
     p.set_defaults(func=main_args)
 
 
@@ -595,7 +602,15 @@ def main_args(args):
     args.command_line = "accel bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "accel bench"
     from .fileio import write_text_atomic
 
+    if args.gpu:
+        from . import bench_gpu
+
+        text = bench_gpu.main(args)
+        out = write_text_atomic(args.out or bench_gpu.DEFAULT_OUT, text)
+        print(text)
+        print(f"\nwritten: {out}")
+        return
     text = run(args)
-    out = write_text_atomic(args.out, text)
+    out = write_text_atomic(args.out or "docs/BENCHMARKS.md", text)
     print(text)
     print(f"\nwritten: {out}")
