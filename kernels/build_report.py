@@ -36,7 +36,7 @@ _GEMM_FLAGS = dict(A_MODE=0, PER_ROW_A=False, HAS_STEP=False, HAS_WZ=True, HAS_A
                    HAS_BIAS=True, EVEN_K=True, OFFS_64=False)
 _CONV_PTRS = dict(x_ptr="*i8", w_ptr="*i8", y_ptr="*fp32", r_ptr="*fp16", xs_ptr="*fp32", qt_ptr="*fp32",
                   step_ptr="*i32", ws_ptr="*fp32", wz_ptr="*i8", wsum_ptr="*fp32", wtap_ptr="*fp32", b_ptr="*fp32")
-_CONV_DIV = ("C", "O", "sxn", "sxh", "sxw", "swo", "swh", "sww", "syn", "syh", "syw")
+_CONV_DIV = ("C", "O", "sxn", "sxc", "sxh", "sxw", "swo", "swh", "sww", "syn", "syh", "syw")
 _CONV_FLAGS = dict(A_MODE=0, HAS_STEP=False, HAS_WZ=True, HAS_SHIFT=False, HAS_BIAS=True, HAS_RES=False,
                    EVEN_C=True, OFFS_64=False, KH=3, KW=3, STRIDE=1, PAD=1, sxc=1, syo=1)
 
@@ -62,8 +62,9 @@ VARIANTS = {
                                    dict(A_MODE=1, HAS_STEP=True, HAS_SHIFT=True, HAS_BIAS=False, HAS_RES=True)),
     "conv.static.fp16.1x1": ("conv", dict(x_ptr="*fp16", y_ptr="*fp16", b_ptr="*fp16"),
                              dict(A_MODE=1, HAS_STEP=True, HAS_SHIFT=True, KH=1, KW=1, PAD=0)),
-    "conv.static.fp16.3x3.c4": ("conv", dict(x_ptr="*fp16", y_ptr="*fp16", b_ptr="*fp16"),  # conv_in: 4 channels
-                                dict(A_MODE=1, HAS_STEP=True, HAS_SHIFT=True, EVEN_C=False)),
+    "conv.static.fp16.3x3.c4": ("conv", dict(x_ptr="*fp16", y_ptr="*fp16", b_ptr="*fp16"),  # conv_in: 4 channels,
+                                dict(A_MODE=1, HAS_STEP=True, HAS_SHIFT=True, EVEN_C=False,  # NCHW latents
+                                     sxc=None, sxw=1)),
     "quant.per_token": ("quant_per_token", {}, {}),
     "quant.static": ("quant_static", {}, {}),
 }
@@ -88,13 +89,16 @@ def _jit_fn(kernel):
     return kernel
 
 
-def _configs(kernel):
-    """``[(label, constexprs, num_warps, num_stages)]``: the autotuner's configs, or the one plain launch."""
+def _configs(kernel, channels: int | None = None):
+    """``[(label, constexprs, num_warps, num_stages)]``: the autotuner's configs (for a conv, those it keeps
+    for ``channels`` input channels), or the one plain launch."""
     import triton
+
+    from .triton_kernels import conv_configs
 
     if isinstance(kernel, triton.runtime.Autotuner):
         out = []
-        for c in kernel.configs:
+        for c in (conv_configs(kernel.configs, channels) if channels is not None else kernel.configs):
             kw = c.kwargs
             label = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}w{c.num_warps}s{c.num_stages}"
             out.append((label, dict(kw), c.num_warps, c.num_stages))
@@ -108,7 +112,8 @@ def builds(only: list[str] | None = None, archs=ARCHS, configs: list[str] | None
     for name, (kname, ptrs, flags) in VARIANTS.items():
         if only and not any(name == o or name.startswith(o + ".") for o in only):
             continue
-        for label, cfg, warps, stages in _configs(kernels[kname][0]):
+        channels = 4 if name.endswith(".c4") else 320  # what the conv's autotuner keeps for this variant
+        for label, cfg, warps, stages in _configs(kernels[kname][0], channels if kname == "conv" else None):
             if configs and not any(label.startswith(c) for c in configs):
                 continue
             for arch in archs:
@@ -122,8 +127,12 @@ def _ptxas():
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def compile_one(job, out_dir: str) -> dict:
-    """Compile one (variant, config, arch) to PTX, run ``ptxas -v``, return the report row."""
+UNIT_STRIDES = ("sxc", "sxw", "syo")  # what a launch on channels_last tensors makes constant
+
+
+def compile_one(job, out_dir: str, generic: bool = False) -> dict:
+    """Compile one (variant, config, arch) to PTX, run ``ptxas -v``, return the report row. ``generic``: no
+    launch specialisation (no 16-divisibility, no unit strides): the worst case for registers."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -131,7 +140,8 @@ def compile_one(job, out_dir: str) -> dict:
     name, kname, ptrs, flags, label, cfg, warps, stages, arch = job
     kernel, base_ptrs, divisible, base_flags = _kernels()[kname]
     fn = _jit_fn(kernel)
-    constexprs = {k: v for k, v in {**base_flags, **flags, **cfg}.items() if k in fn.arg_names}
+    constexprs = {k: v for k, v in {**base_flags, **flags, **cfg}.items() if k in fn.arg_names
+                  and v is not None and not (generic and k in UNIT_STRIDES)}  # None: a runtime argument
     all_ptrs = {**base_ptrs, **ptrs}
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
@@ -139,17 +149,18 @@ def compile_one(job, out_dir: str) -> dict:
             signature[arg] = "constexpr"
         elif arg in all_ptrs:
             signature[arg] = all_ptrs[arg]
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            if not generic:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[arg] = "i32"
-            if arg in divisible:
+            if arg in divisible and not generic:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
     t0 = time.time()
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=warps, num_stages=stages))
     ptx = compiled.asm["ptx"]
-    path = Path(out_dir) / f"{name}.{label}.{gpu}.ptx"
+    path = Path(out_dir) / f"{name}.{label}.{gpu}{'.generic' if generic else ''}.ptx"
     path.write_text(ptx)
     with tempfile.TemporaryDirectory() as tmp:
         res = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", str(path), "-o", os.path.join(tmp, "k.cubin")],
@@ -158,7 +169,7 @@ def compile_one(job, out_dir: str) -> dict:
         raise RuntimeError(f"ptxas failed on {path.name}: {res.stderr.strip()[:500]}")
     log = res.stderr + res.stdout
     regs = re.search(r"Used (\d+) registers", log)
-    return dict(kernel=kname, variant=name, config=label, arch=gpu, num_warps=warps, num_stages=stages,
+    return dict(kernel=kname, variant=name, config=label, arch=gpu, specialised=not generic, num_warps=warps, num_stages=stages,
                 registers=int(regs.group(1)) if regs else None,
                 spill_store_bytes=sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log)),
                 spill_load_bytes=sum(int(x) for x in re.findall(r"(\d+) bytes spill loads", log)),
@@ -170,7 +181,7 @@ def _compile_star(args):
     return compile_one(*args)
 
 
-def run(out_dir, only=None, archs=ARCHS, jobs: int = 1, configs=None) -> list[dict]:
+def run(out_dir, only=None, archs=ARCHS, jobs: int = 1, configs=None, generic: bool = False) -> list[dict]:
     """Build everything (in this process: Triton must not be in interpreter mode) and write ``report.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,9 +190,9 @@ def run(out_dir, only=None, archs=ARCHS, jobs: int = 1, configs=None) -> list[di
         raise SystemExit(f"no kernel variant matches {only}; variants: {', '.join(VARIANTS)}")
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
-            rows = list(pool.map(_compile_star, [(j, str(out)) for j in todo]))
+            rows = list(pool.map(_compile_star, [(j, str(out), generic) for j in todo]))
     else:
-        rows = [compile_one(j, str(out)) for j in todo]
+        rows = [compile_one(j, str(out), generic) for j in todo]
     report = {"triton": _triton_version(), "builds": rows, "summary": summary(rows)}
     tmp = out / ".report.json.tmp"
     tmp.write_text(json.dumps(report, indent=1))
@@ -218,12 +229,14 @@ def main(argv=None):
     p.add_argument("--only", nargs="+", help=f"variant names or prefixes (of: {', '.join(VARIANTS)})")
     p.add_argument("--configs", nargs="+", help="tile configs whose label starts with these (e.g. 128x128)")
     p.add_argument("--jobs", type=int, default=1, help="parallel compilations")
+    p.add_argument("--generic", action="store_true", help="compile without launch specialisation (16-byte "
+                                                          "alignment, unit strides): the worst case")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         env = dict(os.environ, TRITON_INTERPRET="0")
         return subprocess.call([sys.executable, "-m", "accel.kernels.build_report"] + list(argv or sys.argv[1:]),
                                env=env)
-    rows = run(args.out, args.only, tuple(args.arch), args.jobs, args.configs)
+    rows = run(args.out, args.only, tuple(args.arch), args.jobs, args.configs, args.generic)
     print(table(rows))
     s = summary(rows)
     print(f"\n{s['builds']} builds, max {s['max_registers']} registers; spilling: {len(s['spilling'])}; "

@@ -54,14 +54,30 @@ def _configs(gpu: list[dict], interp: dict, warps=4, stages=3, group_m=8):
 # Tile configs are kept when `python -m accel.kernels.build_report` shows no spills on sm_80 and sm_90a.
 GEMM_CONFIGS = _configs(
     [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, warps=8), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
-     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, warps=8), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, stages=4),
+     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, stages=4),
      dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, stages=4)],
     dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32))
 
+# BLOCK_K 64 for the UNet's channel counts (multiples of 64), 32 for few channels (conv_in's 4): see conv_configs
 CONV_CONFIGS = _configs(
     [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, warps=8), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
-     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, warps=8), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)],
+     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, warps=8), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
+     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, warps=8), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)],
     dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32))
+SMALL_C = 32
+
+
+def conv_configs(configs, c: int):
+    """The configs the conv autotunes over for ``c`` input channels: channel blocks of 32 when ``c <= 32`` (a
+    64-wide block would be mostly padding), else of 64 or more."""
+    small = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] <= SMALL_C]
+    large = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] > SMALL_C]
+    return (small if c <= SMALL_C else large) or list(configs)
+
+
+def _prune_conv(configs, named_args, **kwargs):
+    return conv_configs(configs, named_args["C"])
+
 
 A_INT8, A_STATIC, A_DYNAMIC = 0, 1, 2
 
@@ -278,7 +294,8 @@ def gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, a_scale: to
 
 
 # ------------------------------------------------------------------------------------------ conv
-@triton.autotune(configs=CONV_CONFIGS, key=["Nb", "H", "W", "C", "O", "A_MODE", "HAS_WZ"])
+@triton.autotune(configs=CONV_CONFIGS, key=["Nb", "H", "W", "C", "O", "A_MODE", "HAS_WZ"],
+                 prune_configs_by={"early_config_prune": _prune_conv})
 @triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, y_ptr, r_ptr, xs_ptr, qt_ptr, step_ptr, ws_ptr, wz_ptr, wsum_ptr, wtap_ptr, b_ptr,
