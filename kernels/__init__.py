@@ -4,6 +4,10 @@ reference that computes the same integers (the CPU backend and the test oracle).
 
 ``backend=None`` picks Triton for CUDA tensors and the reference otherwise; ``backend="triton"`` on CPU
 tensors runs the Triton kernels in the interpreter (slow: that is how CI tests them).
+
+:func:`linear` and :func:`conv2d` are what a quantized layer calls: one ``accel::linear`` / ``accel::conv2d``
+custom op (:mod:`.ops`) each, static (a per-call ``(scale, shift)`` table and a device step index) or dynamic.
+The other functions are the kernels' int8-level entry points (tests, benchmarks).
 """
 from __future__ import annotations
 
