@@ -6,7 +6,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast bench bench-cache notebooks weights scalelong clean
+.PHONY: setup demo test test-fast bench bench-cache bench-gpu kernel-report notebooks weights scalelong clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -42,6 +42,15 @@ bench-cache: setup
 ## re-execute the notebooks in place, with their outputs and figures (one CPU thread)
 notebooks: setup
 	$(PY) notebooks/execute.py
+
+## the GPU benchmark -> docs/GPU_BENCHMARKS.md (one CUDA GPU, < 10 min; 'not run' without one). On a machine
+## with torch and triton but no network: make bench-gpu PY=python3 STAMP=   (see accel/bench_gpu.py)
+bench-gpu: setup
+	$(PY) -m accel bench --gpu --out docs/GPU_BENCHMARKS.md
+
+## compile every Triton kernel for sm_80 and sm_90a on this machine: registers, spills, int8 MMA count
+kernel-report: setup
+	$(PY) -m accel.kernels.build_report --out build/kernel-report --jobs 2
 
 ## retrain the miniature world from scratch (about 3 hours on one CPU thread per stage; resumable)
 weights: setup

@@ -143,11 +143,12 @@ class _ActRecorder(ModelHook):
         parts = [x] if self.split is None else [x[:, :self.split], x[:, self.split:]]
         for i, xi in enumerate(parts):
             key = (self.clock.step, i)
-            flat = xi.reshape(-1).cpu()
-            self.lo[key] = min(self.lo.get(key, 0.0), flat.min().item())
-            self.hi[key] = max(self.hi.get(key, 0.0), flat.max().item())
+            flat = xi.reshape(-1)  # range and sample taken where the tensor is: only the sample is copied
+            lo, hi = torch.aminmax(flat)
+            self.lo[key] = min(self.lo.get(key, 0.0), lo.item())
+            self.hi[key] = max(self.hi.get(key, 0.0), hi.item())
             idx = torch.randint(0, flat.numel(), (min(self.per_call, flat.numel()),), generator=self.gen)
-            self.samples.setdefault(key, []).append(flat[idx])
+            self.samples.setdefault(key, []).append(flat[idx.to(flat.device)].cpu())
         return args, kwargs
 
 

@@ -4,6 +4,10 @@ reference that computes the same integers (the CPU backend and the test oracle).
 
 ``backend=None`` picks Triton for CUDA tensors and the reference otherwise; ``backend="triton"`` on CPU
 tensors runs the Triton kernels in the interpreter (slow: that is how CI tests them).
+
+:func:`linear` and :func:`conv2d` are what a quantized layer calls: one ``accel::linear`` / ``accel::conv2d``
+custom op (:mod:`.ops`) each, static (a per-call ``(scale, shift)`` table and a device step index) or dynamic.
+The other functions are the kernels' int8-level entry points (tests, benchmarks).
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import os
 
 import torch
 
-from . import reference
+from . import ops, reference
 
 BACKENDS = ("reference", "triton")
 
@@ -52,33 +56,56 @@ def quantize_per_token(x, backend=None):
     return q.reshape(x.shape), s
 
 
-def quantize_static(x, scale, zero_point=0, backend=None):
+def quantize_static(x, scale, zero_point=0, shift=0.0, backend=None):
+    """``clamp(round((x - shift) / scale) + zero_point)`` as int8 (scale and shift: floats or 0-d tensors)."""
     if choose(x.device, backend) == "triton":
-        return triton_module().quantize_static(x, scale, zero_point)
-    return reference.quantize_static(x, scale, zero_point)
+        qp = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=x.device).reshape(())
+                          for v in (scale, shift, zero_point)])
+        return triton_module().quantize_static(x, qp)
+    return reference.quantize_static(x, scale, zero_point, shift)
 
 
 def w8a8_gemm(a, w, a_scale, w_scale, bias=None, a_zero=0, w_zero=None, out_dtype=torch.float32, backend=None):
     """int8 ``a (M, K)`` x int8 ``w (N, K)`` with the float epilogue (see :mod:`.reference`)."""
     if choose(a.device, backend) == "triton":
-        return triton_module().w8a8_gemm(a, w, a_scale, w_scale, bias, a_zero, w_zero, out_dtype)
+        a_scale = torch.as_tensor(a_scale, dtype=torch.float32, device=a.device).reshape(-1)
+        w_sum = w.sum(1, dtype=torch.int32) if a_zero else None
+        return triton_module().gemm(a, w.contiguous(), w_scale.float(), a_scale=a_scale, w_zero=w_zero, bias=bias,
+                                    w_sum=w_sum, a_zero=a_zero, out_dtype=out_dtype)[0]
     return reference.w8a8_gemm(a, w, a_scale, w_scale, bias, a_zero, w_zero, out_dtype)
 
 
 def w8a8_linear(x, w, w_scale, bias=None, w_zero=None, backend=None):
     """Float ``x (..., K)``, quantized per token (fused in the Triton kernel), times int8 weights."""
-    if choose(x.device, backend) == "triton":
-        shape = x.shape
-        y, _ = triton_module().w8a8_gemm(x.reshape(-1, shape[-1]), w, None, w_scale, bias, 0, w_zero, x.dtype)
-        return y.reshape(*shape[:-1], w.shape[0])
-    return reference.w8a8_linear(x, w, w_scale, bias, w_zero)
+    return linear(x, w, w_scale, w_zero, bias, backend=backend)
 
 
 def w8a8_conv2d(x_q, w_q, x_scale, w_scale, bias=None, stride=1, padding=0, w_zero=None, out_dtype=torch.float32,
                 backend=None):
-    """int8 NCHW ``x_q`` and ``w_q (O, C, KH, KW)`` -> NCHW; on Triton an implicit-GEMM kernel over NHWC."""
+    """int8 NCHW ``x_q`` and ``w_q (O, C, KH, KW)`` -> NCHW (channels_last from Triton: the implicit GEMM
+    reads and writes NHWC rows through strides, no permute)."""
     if choose(x_q.device, backend) == "triton":
-        y = triton_module().w8a8_conv2d_nhwc(x_q.permute(0, 2, 3, 1).contiguous(), w_q.permute(0, 2, 3, 1).contiguous(),
-                                             x_scale, w_scale, bias, stride, padding, w_zero, out_dtype)
-        return y.permute(0, 3, 1, 2)
+        w_cl = w_q.contiguous(memory_format=torch.channels_last)
+        y = torch.empty(ops.conv_out_shape(x_q, w_q, stride, padding), dtype=out_dtype, device=x_q.device,
+                        memory_format=torch.channels_last)
+        xs = torch.as_tensor(x_scale, dtype=torch.float32, device=x_q.device).reshape(1)
+        return triton_module().conv2d(x_q, w_cl, w_scale.float(), y, x_scale=xs, w_zero=w_zero, bias=bias,
+                                      stride=stride, padding=padding)
     return reference.w8a8_conv2d(x_q, w_q, x_scale, w_scale, bias, stride, padding, w_zero, out_dtype)
+
+
+# ----------------------------------------------------------------------------------- one op per layer
+def linear(x, w, w_scale, w_zero=None, bias=None, w_sum=None, qtable=None, step=None, backend=None):
+    """A quantized Linear on float ``x (..., K)``: the ``accel::linear`` op (static with ``qtable``, else
+    dynamic per token); output in ``x.dtype``."""
+    shape = x.shape
+    y = torch.ops.accel.linear(x.reshape(-1, shape[-1]), w, w_scale, w_zero, bias, w_sum, qtable, step,
+                               choose(x.device, backend))
+    return y.reshape(*shape[:-1], w.shape[0])
+
+
+def conv2d(x, w, w_scale, qtable, w_zero=None, bias=None, w_sum=None, w_tap=None, step=None, residual=None,
+           stride=1, padding=0, backend=None):
+    """A quantized zero-padded Conv2d on float NCHW ``x``: the ``accel::conv2d`` op (see :mod:`.ops`)."""
+    return torch.ops.accel.conv2d(x, w, w_scale, w_zero, bias, w_sum, w_tap, qtable, step, residual, stride,
+                                  padding, choose(x.device, backend))

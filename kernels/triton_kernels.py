@@ -1,10 +1,31 @@
-"""Triton int8 kernels: W8A8 GEMM (optionally with fused per-token activation quantization), implicit-GEMM
-int8 convolution (NHWC, any kernel size, stride, padding: no im2col buffer), and quantize kernels.
+"""Triton int8 kernels: the W8A8 GEMM and the implicit-GEMM convolution, each with the activation
+quantization fused into its A load, and two stand-alone quantize kernels.
 
-Import through :mod:`accel.kernels` (it turns on ``TRITON_INTERPRET=1`` when there is no GPU, before triton
-is imported, which is how these kernels run on CPU in CI). Written for the interpreter's known traps:
-no ``tl.make_block_ptr``; no libdevice rounding (half-away-from-zero by floor/ceil); float->int8 wraps,
-so every cast is preceded by a clamp; every load is masked with ``other=0``; offsets are int64.
+Import through :mod:`accel.kernels` (it turns on ``TRITON_INTERPRET=1`` when there is no GPU, before triton is
+imported, which is how these kernels run on CPU in CI). :mod:`accel.kernels.build_report` compiles every one of
+them for sm_80 and sm_90a on a CPU machine and reads registers and spills from ``ptxas``.
+
+How they are written (Triton's matmul tutorial and production int8 GEMMs):
+
+* One program per output tile, tiles visited in groups of ``GROUP_M`` rows (L2 reuse); row and column
+  indices wrap (``% M``) so the K loop needs no row/column masks; everything outside the loop is computed once
+  and the A/W pointer tiles advance by a scalar per K step. Offsets are int32 unless a tensor has 2^31 or more
+  elements (``OFFS_64``); ``EVEN_K``/``EVEN_C`` (set per config) drop the K mask when ``BLOCK_K`` divides it.
+* A modes (``A_MODE``): 0, int8 A with a given scale; 1, float A (fp32/fp16/bf16) quantized on load with a
+  static per-tensor scale and shift read on the device from a per-call table ``qt[step] = (scale, shift)`` (the
+  step index is itself a device tensor: no host sync, no Python float); 2, float A quantized per row inside the
+  kernel (dynamic: a first pass over K finds each row's absmax). A static quantized layer is one kernel.
+* Integer epilogue first (zero-point corrections in int32, exactly the reference's integers), then one
+  conversion to float: ``y = acc * s_a * s_w[n] + (bias[n] + shift * wsum[n])``, written in the output dtype.
+* The conv is an implicit GEMM over NCHW tensors of any strides (channels_last reads contiguous channels):
+  rows are output pixels, columns output channels, K walks the taps (r, s) in its outer order and contiguous
+  channel blocks inside; the tap and channel block of a K step are two scalar divisions, the pixel part of
+  the address is computed once. Weights are read as ``(O, KH, KW, C)`` memory (a channels_last int8 weight,
+  laid out once at quantize time). A shifted input ``x = m + s q`` on a zero-padded conv adds ``m`` times the
+  taps that fall inside the image: ``m * wsum[o]`` minus the out-of-bounds taps' sums, only on border tiles.
+* Numerics shared with :mod:`.reference`: round half away from zero by floor/ceil, IEEE division
+  (``div_rn``), clamp before every int8 cast, masked loads with ``other=0`` and quantized padding forced to 0.
+
 Autotuning uses several configs on GPU and exactly one under the interpreter (:data:`INTERPRET`).
 """
 from __future__ import annotations
@@ -16,24 +37,82 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INT32_LIMIT = 2 ** 31
 
 
-def _configs(gpu: list[dict], interp: dict, warps=4, stages=3):
+def _configs(gpu: list[dict], interp: dict, warps=4, stages=3, group_m=8):
     if INTERPRET:
-        return [triton.Config(interp, num_warps=1, num_stages=1)]
-    return [triton.Config(c, num_warps=c.pop("warps", warps), num_stages=c.pop("stages", stages)) for c in gpu]
+        return [triton.Config(dict(interp, GROUP_M=2), num_warps=1, num_stages=1)]
+    out = []
+    for c in gpu:
+        c = dict(c)
+        w, s = c.pop("warps", warps), c.pop("stages", stages)
+        out.append(triton.Config(dict(c, GROUP_M=group_m), num_warps=w, num_stages=s))
+    return out
 
 
+# Tile configs are kept when `python -m accel.kernels.build_report` shows no spills on sm_80 and sm_90a.
 GEMM_CONFIGS = _configs(
     [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, warps=8), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
-     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
-     dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, stages=4), dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, stages=4)],
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32))
+     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, stages=4),
+     dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, stages=4)],
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32))
+
+# BLOCK_K 64 for the UNet's channel counts (multiples of 64), 32 for few channels (conv_in's 4): see conv_configs
+CONV_CONFIGS = _configs(
+    [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, warps=8), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, warps=8), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
+     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, warps=8), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)],
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32))
+SMALL_C = 32
+
+
+def conv_configs(configs, c: int):
+    """The configs the conv autotunes over for ``c`` input channels: channel blocks of 32 when ``c <= 32`` (a
+    64-wide block would be mostly padding), else of 64 or more."""
+    small = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] <= SMALL_C]
+    large = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] > SMALL_C]
+    return (small if c <= SMALL_C else large) or list(configs)
+
+
+def _prune_conv(configs, named_args, **kwargs):
+    return conv_configs(configs, named_args["C"])
+
+
+A_INT8, A_STATIC, A_DYNAMIC = 0, 1, 2
 
 
 @triton.jit
 def _round_half_away(x):
     return tl.where(x >= 0, tl.floor(x + 0.5), tl.ceil(x - 0.5))
+
+
+@triton.jit
+def _quantize(x, scale, shift, LO: tl.constexpr, HI: tl.constexpr):
+    """``clamp(round((x - shift) / scale), LO, HI)`` in fp32 (still float: the caller casts after masking)."""
+    q = _round_half_away(tl.div_rn(x.to(tl.float32) - shift, scale))
+    return tl.minimum(tl.maximum(q, LO), HI)
+
+
+@triton.jit
+def _step_qparams(qt_ptr, step_ptr, HAS_STEP: tl.constexpr):
+    """``(scale, shift)`` of this call: row ``step`` of the ``(T, 2)`` table (row 0 without a step tensor)."""
+    if HAS_STEP:
+        row = tl.load(step_ptr).to(tl.int32) * 2
+    else:
+        row = 0
+    return tl.load(qt_ptr + row), tl.load(qt_ptr + row + 1)
+
+
+@triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (tile row, tile column), in groups of GROUP_M tile rows (the tutorial's L2 order)."""
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
 
 
 # ------------------------------------------------------------------------------------------ quantize
@@ -50,16 +129,17 @@ def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_
     tl.store(s_ptr + row, scale)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         offs = k0 * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(_round_half_away(x / scale), -127.0), 127.0)
-        tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=offs < K)
+        x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0)
+        tl.store(q_ptr + row * stride_qm + offs, _quantize(x, scale, 0.0, -127.0, 127.0).to(tl.int8), mask=offs < K)
 
 
 @triton.jit
-def _quant_static_kernel(x_ptr, q_ptr, scale, zero, numel, BLOCK: tl.constexpr):
+def _quant_static_kernel(x_ptr, q_ptr, qp_ptr, numel, BLOCK: tl.constexpr):
+    """``q = clamp(round((x - shift) / scale) + zero)`` with ``qp = (scale, shift, zero)`` on the device."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
-    q = tl.minimum(tl.maximum(_round_half_away(x / scale) + zero, -128.0), 127.0)
+    x = tl.load(x_ptr + offs, mask=offs < numel, other=0.0)
+    scale, shift, zero = tl.load(qp_ptr), tl.load(qp_ptr + 1), tl.load(qp_ptr + 2)
+    q = tl.minimum(tl.maximum(_round_half_away(tl.div_rn(x.to(tl.float32) - shift, scale)) + zero, -128.0), 127.0)
     tl.store(q_ptr + offs, q.to(tl.int8), mask=offs < numel)
 
 
@@ -73,183 +153,290 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.reshape(x.shape), s
 
 
-def quantize_static(x: torch.Tensor, scale: float, zero_point: int = 0) -> torch.Tensor:
+def quantize_static(x: torch.Tensor, qparams: torch.Tensor) -> torch.Tensor:
+    """``qparams``: float32 ``(scale, shift, zero_point)`` on ``x``'s device."""
     xc = x.contiguous()
     q = torch.empty(xc.shape, dtype=torch.int8, device=x.device)
     n = xc.numel()
     block = 256 if INTERPRET else 1024
-    _quant_static_kernel[(triton.cdiv(n, block),)](xc, q, float(scale), float(zero_point), n, BLOCK=block)
+    _quant_static_kernel[(triton.cdiv(n, block),)](xc, q, qparams, n, BLOCK=block)
     return q
 
 
 # ------------------------------------------------------------------------------------------ GEMM
+@triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K", "A_MODE", "HAS_WZ"])
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
-def _epilogue(acc, a_rowsum, offs_m, offs_n, M, N, K, as_ptr, ws_ptr, wz_ptr, b_ptr, a_zero,
-              PER_ROW_A: tl.constexpr, HAS_WZ: tl.constexpr, HAS_BIAS: tl.constexpr):
-    acc = acc.to(tl.float32)
-    mask_n = offs_n < N
-    if HAS_WZ:  # asymmetric weights: subtract z_w[n] * sum_k (a[m,k] - z_a)
-        wz = tl.load(wz_ptr + offs_n, mask=mask_n, other=0).to(tl.float32)
-        acc = acc - (a_rowsum.to(tl.float32) - K * a_zero)[:, None] * wz[None, :]
-    if PER_ROW_A:
-        sa = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
-        y = acc * sa[:, None]
-    else:
-        y = acc * tl.load(as_ptr)
-    y = y * tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    return y
-
-
-@triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K"])
-@triton.jit
-def _w8a8_gemm_kernel(a_ptr, w_ptr, c_ptr, as_ptr, ws_ptr, wz_ptr, wsum_ptr, b_ptr, M, N, K, a_zero,
-                      stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn,
-                      PER_ROW_A: tl.constexpr, HAS_WZ: tl.constexpr, HAS_AZ: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      QUANT_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """C = epilogue(A_int8 @ W_int8^T). With QUANT_A, A is float and quantized per row inside the kernel
-    (a first pass over K finds each row's absmax; the scale is written to as_ptr by the first N-program)."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm, rn = offs_m.to(tl.int64), offs_n.to(tl.int64)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    if QUANT_A:
+def _gemm_kernel(a_ptr, w_ptr, c_ptr, sa_ptr, qt_ptr, step_ptr, ws_ptr, wz_ptr, wsum_ptr, b_ptr,
+                 M, N, K, a_zero, stride_am, stride_wn, stride_cm,
+                 A_MODE: tl.constexpr, PER_ROW_A: tl.constexpr, HAS_STEP: tl.constexpr, HAS_WZ: tl.constexpr,
+                 HAS_AZ: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                 OFFS_64: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """``C = epilogue(A @ W^T)``: A ``(M, K)`` (int8 or float, see ``A_MODE``), W int8 ``(N, K)`` with K
+    contiguous (the layout both int8 tensor-core instructions want for B), C ``(M, N)``.
+    With ``A_MODE == 2`` the per-row scales are written to ``sa_ptr`` (by the tiles of column 0)."""
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    rk = tl.arange(0, BLOCK_K)
+    if OFFS_64:
+        rm, rn = rm.to(tl.int64), rn.to(tl.int64)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]
+    w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None]
+    if A_MODE == 1:
+        scale, shift = _step_qparams(qt_ptr, step_ptr, HAS_STEP)
+    if A_MODE == 2:  # dynamic per-row scales: one pass over the row block first
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-            offs_k = k0 * BLOCK_K + tl.arange(0, BLOCK_K)
-            x = tl.load(a_ptr + rm[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak,
-                        mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        scale = tl.where(amax > 0, amax / 127.0, 1.0)
+        p = a_ptrs
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            x = tl.load(p, mask=rk[None, :] < K - k * BLOCK_K, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+            p += BLOCK_K
+        row_scale = tl.where(amax > 0, amax / 127.0, 1.0)
         if pid_n == 0:
-            tl.store(as_ptr + offs_m, scale, mask=mask_m)
+            offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            tl.store(sa_ptr + offs, row_scale, mask=offs < M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        offs_k = k0 * BLOCK_K + tl.arange(0, BLOCK_K)
-        rk = offs_k.to(tl.int64)
-        mask_k = offs_k < K
-        if QUANT_A:
-            x = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(_round_half_away(x / scale[:, None]), -127.0), 127.0)
-            a = q.to(tl.int8)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
         else:
-            a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0)
-        w = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk,
-                    mask=mask_n[None, :] & mask_k[:, None], other=0)
-        acc += tl.dot(a, w, out_dtype=tl.int32)
+            k_ok = rk < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0)
+        if A_MODE == 1:
+            q = _quantize(a, scale, shift, -128.0, 127.0)
+            if not EVEN_K:
+                q = tl.where(k_ok[None, :], q, 0.0)
+            a = q.to(tl.int8)
+        if A_MODE == 2:
+            a = _quantize(a, row_scale[:, None], 0.0, -127.0, 127.0).to(tl.int8)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         if HAS_WZ:
             rowsum += tl.sum(a.to(tl.int32), axis=1)
-    if HAS_AZ:  # asymmetric activations: subtract z_a * sum_k w[n,k]
-        wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)
-        acc = acc - a_zero * wsum[None, :]
-    y = _epilogue(acc, rowsum, offs_m, offs_n, M, N, K, as_ptr, ws_ptr, wz_ptr, b_ptr, a_zero,
-                  PER_ROW_A or QUANT_A, HAS_WZ, HAS_BIAS)
-    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, y.to(c_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    # epilogue: integer corrections, one conversion, float scales
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_AZ:  # int8 A with zero point z_a: - z_a * sum_k w[n, k]
+        acc -= a_zero * tl.load(wsum_ptr + rn).to(tl.int32)[None, :]
+        rowsum -= K * a_zero
+    if HAS_WZ:  # asymmetric weights: - z_w[n] * sum_k (a[m, k] - z_a)
+        acc -= rowsum[:, None] * tl.load(wz_ptr + rn).to(tl.int32)[None, :]
+    y = acc.to(tl.float32)
+    if A_MODE == 1:
+        y = y * scale
+    elif A_MODE == 2:
+        y = y * row_scale[:, None]
+    elif PER_ROW_A:
+        y = y * tl.load(sa_ptr + rm)[:, None]
+    else:
+        y = y * tl.load(sa_ptr)
+    y = y * tl.load(ws_ptr + rn)[None, :]
+    if HAS_SHIFT:  # x = m + s q: W x = s W q + m W 1
+        if HAS_BIAS:
+            y = y + (shift * tl.load(wsum_ptr + rn) + tl.load(b_ptr + rn).to(tl.float32))[None, :]
+        else:
+            y = y + (shift * tl.load(wsum_ptr + rn))[None, :]
+    elif HAS_BIAS:
+        y = y + tl.load(b_ptr + rn).to(tl.float32)[None, :]
+    if OFFS_64:
+        offs_m = offs_m.to(tl.int64)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], y.to(c_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def w8a8_gemm(a, w, a_scale, w_scale, bias=None, a_zero: int = 0, w_zero=None, out_dtype=torch.float32,
-              w_sum=None):
-    """int8 ``a (M, K)`` x int8 ``w (N, K)`` -> ``out_dtype (M, N)``; see :mod:`accel.kernels.reference`.
-    If ``a`` is a float tensor it is quantized per row inside the kernel (the fused path); the per-row
-    scales are then returned too: ``(y, a_scale)``."""
-    quant_a = a.is_floating_point()
+def _needs_64(*tensors) -> bool:
+    return any(t is not None and t.numel() >= INT32_LIMIT for t in tensors)
+
+
+def gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, a_scale: torch.Tensor | None = None,
+         qtable: torch.Tensor | None = None, step: torch.Tensor | None = None, w_zero: torch.Tensor | None = None,
+         bias: torch.Tensor | None = None, w_sum: torch.Tensor | None = None, a_zero: int = 0,
+         out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One launch of :func:`_gemm_kernel`. ``a (M, K)``: int8 with ``a_scale`` (scalar or ``(M,)``) and
+    optionally ``a_zero`` (``w_sum`` is then the int32 ``sum_k w``); or float with ``qtable (T, 2)`` (static,
+    ``w_sum`` float: the shift's ``W 1``); or float alone (dynamic per row). ``w (N, K)`` int8 with K
+    contiguous; ``w_scale (N,)`` float32; ``w_zero (N,)`` int8/int32. Returns ``(y, per-row scales or None)``."""
     m, k = a.shape
     n = w.shape[0]
+    if a.stride(1) != 1:
+        a = a.contiguous()
     dev = a.device
-    c = torch.empty((m, n), dtype=out_dtype, device=dev)
-    if quant_a:
-        a_scale_t = torch.empty((m,), dtype=torch.float32, device=dev)
-        per_row = True
+    if a.is_floating_point():
+        mode = A_STATIC if qtable is not None else A_DYNAMIC
+        out_dtype = out_dtype or a.dtype
     else:
-        a_scale_t = torch.as_tensor(a_scale, dtype=torch.float32, device=dev).reshape(-1).contiguous()
-        per_row = a_scale_t.numel() > 1
-    dummy = torch.zeros(1, dtype=torch.float32, device=dev)
-    wz = w_zero.to(torch.int32).contiguous() if w_zero is not None else dummy
-    if a_zero and w_sum is None:
-        w_sum = w.to(torch.int32).sum(1)
-    ws = w_sum.to(torch.int32).contiguous() if a_zero else dummy
-    b = bias.contiguous() if bias is not None else dummy
+        mode = A_INT8
+        out_dtype = out_dtype or torch.float32
+    c = torch.empty((m, n), dtype=out_dtype, device=dev)
+    per_row = mode == A_DYNAMIC or (a_scale is not None and a_scale.numel() > 1)
+    if mode == A_DYNAMIC:
+        a_scale = torch.empty((m,), dtype=torch.float32, device=dev)
+    dummy = w_scale  # never read: its flag is off
+    has_shift = mode == A_STATIC and w_sum is not None
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _w8a8_gemm_kernel[grid](a, w, c, a_scale_t, w_scale.float().contiguous(), wz, ws, b, m, n, k, int(a_zero),
-                            a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
-                            PER_ROW_A=per_row, HAS_WZ=w_zero is not None, HAS_AZ=bool(a_zero),
-                            HAS_BIAS=bias is not None, QUANT_A=quant_a)
-    return (c, a_scale_t) if quant_a else c
+    _gemm_kernel[grid](a, w, c, a_scale if a_scale is not None else dummy, qtable if qtable is not None else dummy,
+                       step if step is not None else dummy, w_scale, w_zero if w_zero is not None else dummy,
+                       w_sum if w_sum is not None else dummy, bias if bias is not None else dummy,
+                       m, n, k, int(a_zero), a.stride(0), w.stride(0), c.stride(0),
+                       A_MODE=mode, PER_ROW_A=per_row, HAS_STEP=step is not None, HAS_WZ=w_zero is not None,
+                       HAS_AZ=bool(a_zero), HAS_SHIFT=has_shift, HAS_BIAS=bias is not None,
+                       OFFS_64=_needs_64(a, w, c))
+    return c, (a_scale if mode == A_DYNAMIC else None)
 
 
 # ------------------------------------------------------------------------------------------ conv
-CONV_CONFIGS = _configs(
-    [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, warps=8), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
-     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)],
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16))
-
-
-@triton.autotune(configs=CONV_CONFIGS, key=["Nb", "H", "W", "C", "O", "KH", "KW"])
+@triton.autotune(configs=CONV_CONFIGS, key=["Nb", "H", "W", "C", "O", "A_MODE", "HAS_WZ"],
+                 prune_configs_by={"early_config_prune": _prune_conv})
+@triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0})
 @triton.jit
-def _conv_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, wz_ptr, b_ptr, Nb, H, W, C, O, HO, WO, KH, KW,
-                 stride, pad, HAS_WZ: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _conv_kernel(x_ptr, w_ptr, y_ptr, r_ptr, xs_ptr, qt_ptr, step_ptr, ws_ptr, wz_ptr, wsum_ptr, wtap_ptr, b_ptr,
+                 Nb, H, W, C, O, HO, WO,
+                 sxn, sxc, sxh, sxw, swo, swh, sww, syn, syo, syh, syw,
+                 KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+                 A_MODE: tl.constexpr, HAS_STEP: tl.constexpr, HAS_WZ: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, EVEN_C: tl.constexpr, OFFS_64: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Implicit GEMM: rows are output pixels (n, ho, wo), columns output channels, K = (r, s, c).
-    x is NHWC int8, w is (O, KH, KW, C) int8, y is NHWC."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    x and y are NCHW of any strides (channels_last makes the channel loads contiguous); w is read at
+    ``o * swo + r * swh + s * sww + c`` (channels_last int8 weights: K contiguous)."""
     M = Nb * HO * WO
-    K = KH * KW * C
-    mask_m, mask_n = offs_m < M, offs_n < O
-    nb = offs_m // (HO * WO)
-    ho = (offs_m // WO) % HO
-    wo = offs_m % WO
+    pid_m, pid_n = _tile(M, O, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % O
+    rk = tl.arange(0, BLOCK_K)
+    # the pixel part of every address, computed once
+    nb = rm // (HO * WO)
+    pix = rm % (HO * WO)
+    ho = pix // WO
+    wo = pix % WO
+    hi0 = ho * STRIDE - PAD
+    wi0 = wo * STRIDE - PAD
+    if OFFS_64:
+        x_row = nb.to(tl.int64) * sxn + hi0.to(tl.int64) * sxh + wi0.to(tl.int64) * sxw
+        w_col = rn.to(tl.int64) * swo
+    else:
+        x_row = nb * sxn + hi0 * sxh + wi0 * sxw
+        w_col = rn * swo
+    x_ptrs = x_ptr + x_row[:, None] + rk[None, :] * sxc
+    w_ptrs = w_ptr + w_col[None, :] + rk[:, None]
+    if A_MODE == 1:
+        scale, shift = _step_qparams(qt_ptr, step_ptr, HAS_STEP)
+    BORDER: tl.constexpr = PAD > 0
+    HAS_MASK: tl.constexpr = BORDER or not EVEN_C
+    n_cb = tl.cdiv(C, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        offs_k = k0 * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        r = offs_k // (KW * C)
-        s = (offs_k // C) % KW
-        c = offs_k % C
-        hi = ho[:, None] * stride - pad + r[None, :]
-        wi = wo[:, None] * stride - pad + s[None, :]
-        inb = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        x_off = ((nb[:, None].to(tl.int64) * H + hi) * W + wi) * C + c[None, :]
-        a = tl.load(x_ptr + x_off, mask=mask_m[:, None] & mask_k[None, :] & inb, other=0)
-        wv = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None],
-                     mask=mask_n[None, :] & mask_k[:, None], other=0)
-        acc += tl.dot(a, wv, out_dtype=tl.int32)
+    for kk in range(0, KH * KW * n_cb):
+        tap = kk // n_cb  # taps outside, channel blocks inside: two scalar divisions per step
+        c0 = (kk - tap * n_cb) * BLOCK_K
+        r = tap // KW
+        s = tap - r * KW
+        w_ptrs_k = w_ptrs + (r * swh + s * sww + c0)
+        if not EVEN_C:
+            c_ok = rk < C - c0
+        if BORDER:
+            hi = hi0 + r
+            wi = wi0 + s
+            inb = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            if EVEN_C:
+                mask = inb[:, None]
+            else:
+                mask = inb[:, None] & c_ok[None, :]
+        elif not EVEN_C:
+            mask = c_ok[None, :]
+        if HAS_MASK:
+            a = tl.load(x_ptrs + (r * sxh + s * sxw + c0 * sxc), mask=mask, other=0)
+        else:
+            a = tl.load(x_ptrs + (r * sxh + s * sxw + c0 * sxc))
+        if EVEN_C:
+            w = tl.load(w_ptrs_k)
+        else:
+            w = tl.load(w_ptrs_k, mask=c_ok[:, None], other=0)
+        if A_MODE == 1:  # padding and channels past C are the real zero: q = 0, not round(-shift / scale)
+            q = _quantize(a, scale, shift, -128.0, 127.0)
+            if HAS_MASK:
+                q = tl.where(mask, q, 0.0)
+            a = q.to(tl.int8)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         if HAS_WZ:
             rowsum += tl.sum(a.to(tl.int32), axis=1)
-    y = _epilogue(acc, rowsum, offs_m, offs_n, M, O, K, xs_ptr, ws_ptr, wz_ptr, b_ptr, 0,
-                  False, HAS_WZ, HAS_BIAS)
-    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * O + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    if HAS_WZ:
+        acc -= rowsum[:, None] * tl.load(wz_ptr + rn).to(tl.int32)[None, :]
+    y = acc.to(tl.float32)
+    if A_MODE == 1:
+        y = y * scale
+    else:
+        y = y * tl.load(xs_ptr)
+    y = y * tl.load(ws_ptr + rn)[None, :]
+    if HAS_SHIFT:  # + shift * (sum of the taps inside the image): all taps, minus the outside ones on borders
+        if HAS_BIAS:
+            y = y + (shift * tl.load(wsum_ptr + rn) + tl.load(b_ptr + rn).to(tl.float32))[None, :]
+        else:
+            y = y + (shift * tl.load(wsum_ptr + rn))[None, :]
+        if BORDER:
+            on_border = (tl.min(hi0, axis=0) < 0) | (tl.max(hi0, axis=0) + KH > H) | \
+                        (tl.min(wi0, axis=0) < 0) | (tl.max(wi0, axis=0) + KW > W)
+            if on_border:
+                for t in range(KH * KW):  # a loop, not unrolled: one tap's sums live at a time
+                    hi = hi0 + t // KW
+                    wi = wi0 + t % KW
+                    out = (hi < 0) | (hi >= H) | (wi < 0) | (wi >= W)
+                    wt = shift * tl.load(wtap_ptr + rn * (KH * KW) + t)
+                    y = y - tl.where(out[:, None], wt[None, :], 0.0)
+    elif HAS_BIAS:
+        y = y + tl.load(b_ptr + rn).to(tl.float32)[None, :]
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if OFFS_64:
+        y_off = (nb.to(tl.int64) * syn + ho.to(tl.int64) * syh + wo.to(tl.int64) * syw)[:, None] + \
+            offs_n.to(tl.int64)[None, :] * syo
+    else:
+        y_off = (nb * syn + ho * syh + wo * syw)[:, None] + offs_n[None, :] * syo
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < O)
+    if HAS_RES:  # the other half of a split input (same strides as y)
+        y = y + tl.load(r_ptr + y_off, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-def w8a8_conv2d_nhwc(x_q, w_q, x_scale, w_scale, bias=None, stride: int = 1, padding: int = 0, w_zero=None,
-                     out_dtype=torch.float32):
-    """``x_q`` int8 NHWC, ``w_q`` int8 ``(O, KH, KW, C)`` -> NHWC ``out_dtype``."""
-    nb, h, w, c = x_q.shape
-    o, kh, kw, _ = w_q.shape
-    ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
-    dev = x_q.device
-    y = torch.empty((nb, ho, wo, o), dtype=out_dtype, device=dev)
-    dummy = torch.zeros(1, dtype=torch.float32, device=dev)
-    xs = torch.as_tensor(x_scale, dtype=torch.float32, device=dev).reshape(1)
-    wz = w_zero.to(torch.int32).contiguous() if w_zero is not None else dummy
-    b = bias.contiguous() if bias is not None else dummy
+def conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, y: torch.Tensor, *,
+           x_scale: torch.Tensor | None = None, qtable: torch.Tensor | None = None, step: torch.Tensor | None = None,
+           w_zero: torch.Tensor | None = None, bias: torch.Tensor | None = None, w_sum: torch.Tensor | None = None,
+           w_tap: torch.Tensor | None = None, residual: torch.Tensor | None = None, stride: int = 1,
+           padding: int = 0) -> torch.Tensor:
+    """One launch of :func:`_conv_kernel` into the preallocated NCHW ``y`` (any strides; ``residual`` must
+    have ``y``'s). ``x`` NCHW: int8 with ``x_scale`` (a one-element float32 tensor), or float with ``qtable``
+    (static, shifted when ``w_sum``/``w_tap`` are given). ``w`` int8 ``(O, C, KH, KW)`` with channel stride 1."""
+    nb, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    _, _, ho, wo = y.shape
+    if w.stride(1) != 1:
+        raise ValueError("conv weights must be laid out with contiguous input channels (channels_last)")
+    mode = A_STATIC if x.is_floating_point() else A_INT8
+    if mode == A_STATIC and qtable is None:
+        raise ValueError("a float input needs the quantizer table qtable")
+    dummy = w_scale
+    has_shift = mode == A_STATIC and w_sum is not None
+    if has_shift and padding > 0 and w_tap is None:
+        raise ValueError("a shifted quantizer on a padded conv needs the per-tap weight sums w_tap")
 
     def grid(meta):
-        return (triton.cdiv(nb * ho * wo, meta["BLOCK_M"]), triton.cdiv(o, meta["BLOCK_N"]))
+        return (triton.cdiv(nb * ho * wo, meta["BLOCK_M"]) * triton.cdiv(o, meta["BLOCK_N"]),)
 
-    _conv_kernel[grid](x_q.contiguous(), w_q.contiguous(), y, xs, w_scale.float().contiguous(), wz, b,
-                       nb, h, w, c, o, ho, wo, kh, kw, stride, padding, HAS_WZ=w_zero is not None,
-                       HAS_BIAS=bias is not None)
+    opt = lambda t: t if t is not None else dummy  # noqa: E731
+    _conv_kernel[grid](x, w, y, opt(residual), opt(x_scale), opt(qtable), opt(step), w_scale, opt(w_zero),
+                       opt(w_sum), opt(w_tap), opt(bias), nb, h, wd, c, o, ho, wo,
+                       x.stride(0), x.stride(1), x.stride(2), x.stride(3), w.stride(0), w.stride(2), w.stride(3),
+                       y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+                       KH=kh, KW=kw, STRIDE=stride, PAD=padding, A_MODE=mode, HAS_STEP=step is not None,
+                       HAS_WZ=w_zero is not None, HAS_SHIFT=has_shift, HAS_BIAS=bias is not None,
+                       HAS_RES=residual is not None, OFFS_64=_needs_64(x, w, y))
     return y

@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import torch
+
 from accel.bench import ideal_speedup
 
 
@@ -37,3 +39,25 @@ def test_pipeline_flops_agrees_with_the_per_call_cost_model(tokenizer_dir):
     skipped = 2 * full - two_calls  # call 1 without the mid block
     assert 0 < skipped < full
     assert pipeline_flops(pipe, inherit, 6, 8) == 6 * full - 4 * skipped
+
+
+def test_gpu_bench_dry_run_and_not_run(tmp_path, monkeypatch):
+    """`accel bench --gpu` runs its three sections' code on CPU with tiny models (--dry-run), marked as such;
+    without --dry-run on a machine without CUDA the report is 'not run' and nothing else."""
+    from accel import bench_gpu
+    from accel.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "gpu.md"
+    assert main(["bench", "--gpu", "--out", str(out)]) == 0
+    assert out.read_text() == bench_gpu.NOT_RUN
+    assert main(["bench", "--gpu", "--dry-run", "--out", str(out), "--quiet"]) == 0
+    text = out.read_text()
+    assert text.startswith("# GPU benchmark: DRY RUN on CPU") and "not GPU figures" in text
+    assert "**NO**" not in text and text.count("**yes**") >= 8  # section (a): every kernel's integers exact
+    for model in ("SD-like tiny", "SDXL-like tiny"):
+        assert f"## (b) Layer throughput: {model}" in text and f"## (c) End to end: {model}" in text
+    for row in ("| float |", "| float + torch.compile |", "| cache I=5 |", "| W8A8 (static, per-call scales) |",
+                "| W8A8 + torch.compile |", "| cachequant-w8a8 (2 full calls) |"):
+        assert row in text
+    assert "not run" not in text and "GiB" in text and " n/a " in text  # no GPU memory figure on CPU

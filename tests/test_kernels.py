@@ -107,3 +107,118 @@ def test_backend_choice():
     assert kernels.choose("cpu") == "reference" and kernels.choose("cuda") == "triton"
     with pytest.raises(ValueError):
         kernels.choose("cpu", "cuda-graphs")
+
+
+# ----------------------------------------------------------------------------------- static layers (fused)
+def _layer(o, c, kh=None, g=None, asym=True):
+    """int8 weights as Quantize stores them, with their scales, zero points and dequantized sums."""
+    from accel.transforms.quantize import _weight_sums
+
+    shape = (o, c) if kh is None else (o, c, kh, kh)
+    w = rand_int8(*shape, g=g)
+    if kh is not None:
+        w = w.contiguous(memory_format=torch.channels_last)
+    ws = torch.rand(o, generator=g) / 60 + 1e-3
+    wz = torch.randint(-9, 9, (o,), generator=g).to(torch.int8) if asym else None
+    tap, total = _weight_sums(w, ws, wz)
+    return w, ws, wz, tap, total
+
+
+def _table(x, g):
+    """A two-call (scale, shift) table from x's range (as calibration makes it); call 1 is the real one."""
+    lo, hi = x.float().min(), x.float().max()
+    real = torch.stack([(hi - lo) / 2 / 127, (hi + lo) / 2])
+    return torch.stack([real * 3, real]), torch.tensor([1], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n,asym,shifted", [(7, 40, 9, True, True), (70, 64, 33, False, True),
+                                                (33, 96, 70, True, False)])
+def test_static_linear_fused_equals_reference(dtype, m, k, n, asym, shifted):
+    g = torch.Generator().manual_seed(m + k + n)
+    x = (torch.nn.functional.silu(3 * torch.randn(m, k, generator=g))).to(dtype)  # skewed, like the UNet's
+    w, ws, wz, _, wsum = _layer(n, k, g=g, asym=asym)
+    b = torch.randn(n, generator=g).to(dtype)
+    qt, step = _table(x, g)
+    args = (x, w, ws, wz, b, wsum if shifted else None, qt, step)
+    yt, yr = kernels.linear(*args, backend="triton"), kernels.linear(*args, backend="reference")
+    assert yt.dtype == yr.dtype == dtype and yt.shape == (m, n)
+    ulp = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]  # one rounding of the output
+    torch.testing.assert_close(yt.float(), yr.float(), rtol=ulp, atol=ulp)
+    # the integers are exact: with unit scales and no shift the output is the integer product of the codes
+    one = torch.tensor([[1.0, 0.0]])
+    xi = ref.quantize_static(x, qt[1, 0], 0, qt[1, 1]).float()
+    yi = kernels.linear(xi, w, torch.ones(n), None, None, None, one, None, backend="triton")
+    assert torch.equal(yi.long(), ref.int_matmul(xi.to(torch.int8), w))
+    if shifted:  # and close to the float layer it replaces (the shift's product is added back)
+        wf = (w.float() - (wz.float()[:, None] if asym else 0)) * ws[:, None]
+        yf = x.float() @ wf.T + b.float()
+        assert ((yr.float() - yf) ** 2).mean() < 1e-3 * (yf ** 2).mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("nb,c,h,wd,o,kk,stride,pad,layout", [
+    (2, 6, 7, 5, 9, 3, 1, 1, "channels_last"), (1, 40, 6, 6, 36, 3, 2, 1, "nchw"),
+    (2, 32, 5, 4, 20, 1, 1, 0, "channels_last"), (1, 4, 9, 9, 8, 3, 1, 1, "nchw")])
+def test_static_conv_fused_equals_reference(dtype, nb, c, h, wd, o, kk, stride, pad, layout):
+    g = torch.Generator().manual_seed(c * h + o + kk)
+    x = torch.nn.functional.silu(3 * torch.randn(nb, c, h, wd, generator=g)).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, ws, wz, tap, wsum = _layer(o, c, kk, g=g)
+    b = torch.randn(o, generator=g).to(dtype)
+    qt, step = _table(x, g)
+    args = (x, w, ws, qt, wz, b, wsum, tap, step, None, stride, pad)
+    yt, yr = kernels.conv2d(*args, backend="triton"), kernels.conv2d(*args, backend="reference")
+    assert yt.dtype == dtype and yt.shape == yr.shape and yt.is_contiguous(memory_format=torch.channels_last)
+    ulp = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(yt.float(), yr.float(), rtol=ulp, atol=ulp * yr.float().abs().max().item())
+    # the shifted quantizer reproduces the float conv of the zero-padded input (borders included)
+    wf = (w.float() - wz.float().view(-1, 1, 1, 1)) * ws.view(-1, 1, 1, 1)
+    yf = torch.nn.functional.conv2d(x.float(), wf, b.float(), stride, pad)
+    assert ((yr.float() - yf) ** 2).mean() < 1e-3 * (yf ** 2).mean()
+    # exact integers: unit scales, no shift
+    xi = ref.quantize_static(x, qt[1, 0], 0, qt[1, 1])
+    yi = kernels.conv2d(xi.float(), w, torch.ones(o), torch.tensor([[1.0, 0.0]]), stride=stride, padding=pad,
+                        backend="triton")
+    assert torch.equal(yi.long(), ref.conv2d_int8(xi, w, stride, pad))
+
+
+def test_split_conv_adds_the_second_half_in_the_kernel():
+    """A conv over cat([hidden, skip]) with one quantizer per half: two launches, the second adds the first."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.nn.functional.silu(2 * torch.randn(2, 12, 5, 6, generator=g)).contiguous(memory_format=torch.channels_last)
+    halves = [x[:, :8], x[:, 8:]]
+    outs = {}
+    for backend in ("triton", "reference"):
+        y = None
+        for i, xi in enumerate(halves):
+            w, ws, wz, tap, wsum = _layer(7, xi.shape[1], 3, g=torch.Generator().manual_seed(i))
+            qt, step = _table(xi, g)
+            y = kernels.conv2d(xi, w, ws, qt, wz, torch.ones(7) if i == 0 else None, wsum, tap, step, y, 1, 1,
+                               backend=backend)
+        outs[backend] = y
+    torch.testing.assert_close(outs["triton"], outs["reference"], rtol=1e-5, atol=1e-5)
+
+
+def test_custom_ops_fake_and_autograd():
+    """torch.library's own checks (schema, fake tensors incl. strides, AOT dispatch, autograd registration),
+    and the straight-through gradient: dL/dx through the dequantized weights."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 6, 5, 5, generator=g)
+    w, ws, wz, tap, wsum = _layer(4, 6, 3, g=g)
+    qt, step = _table(x, g)
+    for backend in ("reference", "triton"):
+        for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+            torch.library.opcheck(torch.ops.accel.conv2d.default,
+                                  (xx, w, ws, wz, None, wsum, tap, qt, step, None, 1, 1, backend))
+        x2 = torch.randn(9, 6, generator=g)
+        lw, lws, lwz, _, lsum = _layer(5, 6, g=g)
+        torch.library.opcheck(torch.ops.accel.linear.default, (x2, lw, lws, lwz, torch.randn(5), lsum, qt, step, backend))
+        torch.library.opcheck(torch.ops.accel.linear.default, (x2, lw, lws, None, None, None, None, None, backend))
+    xg = x.clone().requires_grad_()
+    kernels.conv2d(xg, w, ws, qt, wz, None, wsum, tap, step, None, 1, 1, backend="reference").sum().backward()
+    wf = ((w.float() - wz.float().view(-1, 1, 1, 1)) * ws.view(-1, 1, 1, 1))
+    xf = x.clone().requires_grad_()
+    torch.nn.functional.conv2d(xf, wf, padding=1).sum().backward()
+    torch.testing.assert_close(xg.grad, xf.grad)

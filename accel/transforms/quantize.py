@@ -9,13 +9,17 @@
   quantizer to the centre ``m`` of its range: ``x = m + s * q``. Most UNet layers read SiLU/GELU outputs
   (>= -0.28), where a symmetric range wastes half the int8 codes. The shift costs no integer work: ``W (m + x')
   = W x' + m W 1`` and the second term is a per-output-channel constant for Linear (folded into the bias)
-  and, for a zero-padded Conv2d, ``m`` times the convolution of an all-ones image with the weight summed
-  over input channels (exact at the borders too).
+  and, for a zero-padded Conv2d, ``m`` times the sum of the weight taps that fall inside the image (exact at
+  the borders too). The weight sums are computed once, when the layer is quantized.
 * Split shortcut (Q-Diffusion): the layers that consume ``cat([hidden, skip])`` in up-block resnets get one
   quantizer per half and two integer products.
 * GroupNorm, softmax, nonlinearities, the VAE and the text encoder stay in float.
 * Backends: Triton on CUDA, the torch reference on CPU (``backend=`` overrides; ``"triton"`` on CPU runs
-  under the interpreter).
+  under the interpreter). Every layer call is one ``accel::linear`` / ``accel::conv2d`` custom op
+  (:mod:`accel.kernels.ops`; a split conv is two), so ``torch.compile`` sees one node per layer. With Triton a
+  static layer is one kernel: the activation quantization is fused into the GEMM/conv's A load, its scale
+  and shift read on the device from the per-call table at the device step index; conv outputs are
+  channels_last (the next conv reads contiguous channels without a copy).
 * Quantization DEC: on the layers that consume the cached feature, ``Y_fp ~ alpha_t * Y_q + beta_t`` per
   output channel and call, folded into the layer's output (:mod:`accel.transforms.dec`).
 
@@ -31,7 +35,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import adapters, kernels
 from ..errors import CalibrationError
@@ -45,7 +48,7 @@ CLIP_GRID = torch.linspace(0.5, 1.0, 21)
 def quantize_weight(w: torch.Tensor, symmetric: bool = True, search: bool = True):
     """Per-output-channel int8 of a ``(O, ...)`` weight: ``(q int8, scale (O,), zero (O,) int or None)``."""
     flat = w.detach().float().reshape(w.shape[0], -1)
-    best_err = torch.full((flat.shape[0],), float("inf"))
+    best_err = torch.full((flat.shape[0],), float("inf"), device=flat.device)
     best = None
     for alpha in (CLIP_GRID if search else torch.tensor([1.0])):
         if symmetric:
@@ -92,7 +95,13 @@ def mse_scale(samples: torch.Tensor, absmax: float) -> float:
 
 # ----------------------------------------------------------------------------------- quantized modules
 class _QBase(nn.Module):
-    """Shared: int8 weight buffers, activation quantizer(s), the per-call scale table, quant DEC."""
+    """Shared: int8 weight buffers, activation quantizer(s), the per-call scale table, quant DEC.
+
+    Everything a call needs is on the device before the first call: the int8 weights in the layout the kernel
+    reads (channels_last for convs), the dequantized weight sums the activation shift adds back (``weight_sum``
+    per output channel and, for a padded conv, ``weight_tap`` per tap: the border term), the per-call
+    ``(scale, shift)`` tables and the DEC tables. The call's row is picked on the device by the owner's step
+    tensor: a static call does no host sync, no host-to-device copy and recomputes nothing."""
 
     def __init__(self, owner: "Quantize", path: str, weight: torch.Tensor, bias: torch.Tensor | None,
                  split: int | None):
@@ -102,59 +111,120 @@ class _QBase(nn.Module):
         parts = [weight] if split is None else [weight[:, :split], weight[:, split:]]
         for i, w in enumerate(parts):
             q, s, z = quantize_weight(w, sym, owner.clip_search)
+            if q.dim() == 4:
+                q = q.contiguous(memory_format=torch.channels_last)  # (O, KH, KW, C) memory: what the conv reads
             self.register_buffer(f"weight_q{i}", q)
             self.register_buffer(f"weight_scale{i}", s)
             self.register_buffer(f"weight_zero{i}", z if z is not None else None)
+            tap, total = _weight_sums(q, s, z)  # derived constants: not saved, recomputable
+            self.register_buffer(f"weight_sum{i}", total, persistent=False)
+            self.register_buffer(f"weight_tap{i}", tap, persistent=False)
+            self.register_buffer(f"act_table{i}", None, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.act_scales: torch.Tensor | None = None  # (num_calls, num_parts) from calibration
-        self.act_shifts: torch.Tensor | None = None  # (num_calls, num_parts): the range centres m
-        self.dec: tuple[torch.Tensor, torch.Tensor] | None = None  # (alpha (N, O), beta (N, O))
+        self.register_buffer("dec_alpha", None, persistent=False)
+        self.register_buffer("dec_beta", None, persistent=False)
+        self._act_scales: torch.Tensor | None = None  # (num_calls, num_parts) from calibration
+        self._act_shifts: torch.Tensor | None = None  # (num_calls, num_parts): the range centres m
 
     @property
     def parts(self) -> int:
         return 1 if self.split is None else 2
 
+    # -- calibration tables (set once; forward reads the device copies) ---------------------------------
+    @property
+    def act_scales(self) -> torch.Tensor | None:
+        return self._act_scales
+
+    @act_scales.setter
+    def act_scales(self, scales):
+        self._act_scales = scales
+        self._build_tables()
+
+    @property
+    def act_shifts(self) -> torch.Tensor | None:
+        return self._act_shifts
+
+    @act_shifts.setter
+    def act_shifts(self, shifts):
+        self._act_shifts = shifts
+        self._build_tables()
+
+    @property
+    def calls(self) -> int | None:
+        """UNet calls the static tables cover (None: dynamic)."""
+        return None if self._act_scales is None else self._act_scales.shape[0]
+
+    def _build_tables(self):
+        """``act_table{i}``: float32 ``(T, 2)`` rows ``(scale, shift)`` on the weights' device."""
+        dev = self.weight_q0.device
+        for i in range(self.parts):
+            table = None
+            if self._act_scales is not None:
+                s = self._act_scales[:, i].float()
+                m = self._act_shifts[:, i].float() if self._act_shifts is not None and self.owner.act_asymmetric \
+                    else torch.zeros_like(s)
+                table = torch.stack([s, m], 1).to(dev).contiguous()
+            setattr(self, f"act_table{i}", table)
+
+    @property
+    def dec(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.dec_alpha is None else (self.dec_alpha, self.dec_beta)
+
+    @dec.setter
+    def dec(self, value):
+        """Quantization DEC ``(alpha (N, O), beta (N, O))`` per call and output channel, kept on the device."""
+        dev = self.weight_q0.device
+        self.dec_alpha, self.dec_beta = (None, None) if value is None else \
+            (value[0].float().to(dev).contiguous(), value[1].float().to(dev).contiguous())
+
+    # -- per call ---------------------------------------------------------------------------------------
     def _inputs(self, x):
         return [x] if self.split is None else [x[:, :self.split], x[:, self.split:]]
 
-    def _weight_sum(self, i: int) -> torch.Tensor:
-        """The dequantized weight of part i summed over input channels (what a shift ``m`` of the input adds:
-        ``m * W 1``), from the int8 weights (O(weights) work per call, nothing stored)."""
-        q = getattr(self, f"weight_q{i}")
-        z, s = getattr(self, f"weight_zero{i}"), getattr(self, f"weight_scale{i}")
-        tot = q.sum(1, dtype=torch.int64, keepdim=q.dim() > 2)
-        if z is not None:
-            tot = tot - z.long().view(-1, *[1] * (tot.dim() - 1)) * q.shape[1]
-        return tot.float() * s.view(-1, *[1] * (tot.dim() - 1))
-
-    def _quantizer(self, i: int, x: torch.Tensor) -> tuple[float, float]:
-        """``(scale, shift)`` of part i at this call: calibrated (static) or from the tensor's range (dynamic)."""
-        if self.act_scales is not None:
-            step = self.owner._step
-            if step >= self.act_scales.shape[0]:
-                raise CalibrationError(f"{self.path}: activation scales calibrated for {self.act_scales.shape[0]} "
-                                       f"UNet calls, this is call {step + 1}: recalibrate for this step count")
-            shift = float(self.act_shifts[step, i]) if self.act_shifts is not None and self.owner.act_asymmetric else 0.0
-            return float(self.act_scales[step, i]), shift
-        x = x.detach()  # dynamic: the tensor's own range
+    def _quantizer(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """``(table, step, shifted)`` for part i: the calibrated per-call table and the owner's device step
+        (static), or a one-row table from this tensor's range, computed on the device (dynamic per tensor)."""
+        table = getattr(self, f"act_table{i}")
+        if table is not None:
+            return table, self.owner._step_t, self.owner.act_asymmetric
+        x = x.detach()
+        lo, hi = torch.aminmax(x)
+        lo, hi = lo.float(), hi.float()
         if self.owner.act_asymmetric:
-            lo, hi = x.amin().item(), x.amax().item()
             shift, amax = (hi + lo) / 2, (hi - lo) / 2
         else:
-            shift, amax = 0.0, x.abs().amax().item()
-        return (amax / 127 if amax > 0 else 1.0), shift
+            shift, amax = torch.zeros_like(lo), torch.maximum(-lo, hi)
+        scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+        return torch.stack([scale, shift]).view(1, 2), None, self.owner.act_asymmetric
 
     def _correct(self, y, channel_dim):
-        if self.dec is None or self.owner._step < 0:
+        if self.dec_alpha is None:
             return y
-        alpha, beta = self.dec
-        t = self.owner._step
         shape = [1] * y.dim()
         shape[channel_dim] = -1
-        return y * alpha[t].view(shape).to(y) + beta[t].view(shape).to(y)
+        step = self.owner._step_t
+        alpha = self.dec_alpha.index_select(0, step).view(shape).to(y.dtype)
+        beta = self.dec_beta.index_select(0, step).view(shape).to(y.dtype)
+        return y * alpha + beta
 
     def weight_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if b is not None)
+        """Bytes of what is stored (int8 weights, scales, zero points, bias; not the derived sums or tables)."""
+        return sum(b.numel() * b.element_size() for n, b in self._buffers.items()
+                   if b is not None and n not in self._non_persistent_buffers_set)
+
+
+def _weight_sums(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None):
+    """The dequantized weight summed over input channels, per tap ``(O, KH * KW)`` (None for Linear) and over
+    everything ``(O,)``: what a shift ``m`` of the input adds (``m W 1``), from exact integer sums."""
+    q = q.long()
+    per_tap = q.sum(1).reshape(q.shape[0], -1) if q.dim() == 4 else None  # (O, KH * KW)
+    total = q.reshape(q.shape[0], -1).sum(1)
+    if z is not None:
+        if per_tap is not None:
+            per_tap = per_tap - z.long()[:, None] * q.shape[1]
+        total = total - z.long() * (q[0].numel())
+    tap = None if per_tap is None else (per_tap.double() * s.double()[:, None]).float()
+    return tap, (total.double() * s.double()).float()
 
     # -- what code written for nn.Linear / nn.Conv2d reads: peft's LoRA wrapper around a quantized base layer --
     def _keep_source(self, m: nn.Module) -> None:
@@ -183,21 +253,14 @@ class QLinear(_QBase):
         self._keep_source(m)
 
     def forward(self, x):
-        backend = self.owner.backend
-        if self.act_scales is None and self.owner._mode == "dynamic":
-            y = kernels.w8a8_linear(x, self.weight_q0, self.weight_scale0, self.bias, self.weight_zero0, backend)
+        if self.act_table0 is None and self.owner._mode == "dynamic":  # per token, fused in the kernel
+            y = kernels.linear(x, self.weight_q0, self.weight_scale0, self.weight_zero0, self.bias,
+                               backend=self.owner.backend)
             return self._correct(y, -1)
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        s, m = self._quantizer(0, x2)
-        bias = self.bias
-        if m:
-            x2 = x2 - m
-            bias = m * self._weight_sum(0) + (bias if bias is not None else 0)
-        q = kernels.quantize_static(x2, s, 0, backend)
-        y = kernels.w8a8_gemm(q, self.weight_q0, torch.tensor(s), self.weight_scale0, bias, 0,
-                              self.weight_zero0, x.dtype, backend)
-        return self._correct(y.reshape(*shape[:-1], self.out_features), -1)
+        table, step, shifted = self._quantizer(0, x)
+        y = kernels.linear(x, self.weight_q0, self.weight_scale0, self.weight_zero0, self.bias,
+                           self.weight_sum0 if shifted else None, table, step, self.owner.backend)
+        return self._correct(y, -1)
 
 
 class QConv2d(_QBase):
@@ -211,19 +274,14 @@ class QConv2d(_QBase):
         self._keep_source(m)
 
     def forward(self, x):
-        backend = self.owner.backend
-        y = None
+        y = None  # the second half of a split input adds its product to the first's inside the kernel
         for i, xi in enumerate(self._inputs(x)):
-            s, m = self._quantizer(i, xi)
-            q = kernels.quantize_static(xi - m if m else xi, s, 0, backend)
-            yi = kernels.w8a8_conv2d(q, getattr(self, f"weight_q{i}"), s, getattr(self, f"weight_scale{i}"),
-                                     self.bias if i == 0 else None, self.stride, self.padding,
-                                     getattr(self, f"weight_zero{i}"), x.dtype, backend)
-            if m:  # + m * conv(ones, W): zero padding makes the border differ from the interior
-                ones = torch.ones((1, 1) + tuple(xi.shape[2:]), dtype=torch.float32, device=xi.device)
-                yi = yi + (m * F.conv2d(ones, self._weight_sum(i), stride=self.stride,
-                                        padding=self.padding)).to(yi.dtype)
-            y = yi if y is None else y + yi
+            table, step, shifted = self._quantizer(i, xi)
+            y = kernels.conv2d(xi, getattr(self, f"weight_q{i}"), getattr(self, f"weight_scale{i}"), table,
+                               getattr(self, f"weight_zero{i}"), self.bias if i == 0 else None,
+                               getattr(self, f"weight_sum{i}") if shifted else None,
+                               getattr(self, f"weight_tap{i}") if shifted else None, step, y, self.stride,
+                               self.padding, self.owner.backend)
         return self._correct(y, 1)
 
 
@@ -305,6 +363,8 @@ class Quantize(Transform):
         if self.correction not in (None, "dec"):
             raise ValueError("correction must be None or 'dec'")
         self._step, self._mode = -1, self.mode
+        self._step_t = torch.zeros(1, dtype=torch.int32)  # the current UNet call, on the UNet's device
+        self._calls: int | None = None  # UNet calls the static tables cover
 
     def to_dict(self) -> dict:
         d = super().to_dict()
@@ -338,8 +398,28 @@ class Quantize(Transform):
             out.append((path, m))
         return out
 
+    def set_step(self, step: int) -> None:
+        """Make the quantized layers read their per-call tables at UNet call ``step``: written into a device
+        tensor (the clock's listener runs outside any compiled graph), so a static call neither syncs nor
+        specialises a compiled graph on the step."""
+        if self._calls is not None and step >= self._calls:
+            raise CalibrationError(f"activation scales calibrated for {self._calls} UNet calls, this is call "
+                                   f"{step + 1}: recalibrate for this step count")
+        q = next(iter(self._modules.values()), None)
+        dev = q.weight_q0.device if q is not None else self._step_t.device
+        if self._step_t.device != dev:
+            self._step_t = torch.zeros(1, dtype=torch.int32, device=dev)
+        self._step_t.fill_(max(step, 0))
+        self._step = step
+
+    def _tables_ready(self) -> None:
+        """After the layers are swapped in: the step tensor on their device, the calls the tables cover."""
+        calls = [q.calls for q in self._modules.values() if q.calls is not None]
+        self._calls = min(calls) if calls else None
+        self.set_step(0)
+
     def _on_tick(self, clock):
-        self._step = clock.step
+        self.set_step(clock.step)
         if self._wrappers:
             self._sync_adapters()
 
@@ -378,6 +458,7 @@ class Quantize(Transform):
         _swap(unet, {id(m): self._modules[p] for p, m in self._originals.items()})
         self._track_adapters()
         self._guard_adapter_loaders(unet)
+        self._tables_ready()
         ctx.clock.add_listener(self.hook_name, self._on_tick)
 
     def detach(self, ctx: Context) -> None:

@@ -1,0 +1,529 @@
+"""The GPU benchmark: ``accel bench --gpu --out docs/GPU_BENCHMARKS.md`` (``make bench-gpu``), one GPU, < 10 min.
+
+Three sections, each a function below:
+
+(a) :func:`kernel_checks`: every Triton kernel against the torch reference on the GPU: exact integers (unit scales,
+    integer-valued inputs) and the float epilogue's largest difference.
+(b) :func:`layer_throughput`: the int8 kernels on the real Linear/Conv2d shapes of the SD 1.5 UNet at 512 px and
+    the SDXL UNet at 1024 px (batch 2: classifier-free guidance), recorded by hooks on one forward, each shape
+    timed as a static W8A8 layer (one fused kernel) against fp16 cuBLAS/cuDNN (``F.linear``, ``F.conv2d``,
+    channels_last) and ``torch._int_mm`` (cuBLAS int8 GEMM alone, no quantization or epilogue).
+(c) :func:`end_to_end`: SD 1.5 and SDXL architectures (random weights, fp16, channels_last, one prompt with CFG,
+    50 steps): fp16, fp16 + compile, cache I=5, W8A8, W8A8 + compile, cachequant-w8a8 (one calibration, made
+    here with one prompt and the same step count), seconds per image, speed-up and peak memory.
+
+Without CUDA the report is the one line "not run" (no CPU figure stands in for a GPU one). ``--dry-run`` runs the
+same functions on CPU with tiny UNets, few steps and the reference backend (a test does; its numbers are CPU
+numbers of tiny models and say so), so the GPU run is the code that CI exercised.
+
+Running it on a machine that has PyTorch and Triton but not diffusers (this workplace's GPU machines; see
+``/work/.library/device/README.md`` there): carry diffusers and the one dependency it lacks as wheels, install
+this checkout without dependencies, then run::
+
+    echo /.whl/ >> .git/info/exclude      # once, here
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+        --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+    # on the GPU machine (carry .whl):
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
+    make bench-gpu PY=python3 STAMP=       # = python3 -m accel bench --gpu --out docs/GPU_BENCHMARKS.md
+
+(transformers, huggingface_hub >= 1.32, safetensors >= 0.8, regex, requests, Pillow, numpy and tqdm are in that
+image.) Write ``$OUT``-side copies of ``docs/GPU_BENCHMARKS.md`` to bring the report back.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+)
+# the same block structure, a few channels: what --dry-run builds
+TINY_SD = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+               cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4)
+TINY_SDXL = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), cross_attention_dim=32,
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
+                 projection_class_embeddings_input_dim=40, norm_num_groups=4)
+
+
+COMPILE_RESERVE_S = 180  # what an end-to-end row with torch.compile needs at least (inductor on a UNet)
+
+
+@dataclass
+class Model:
+    name: str
+    kind: str  # "sd" | "sdxl"
+    unet: dict
+    text_dims: tuple  # hidden sizes of the text encoder(s)
+    pixels: int  # image side
+
+
+@dataclass
+class Plan:
+    """What one run measures and how hard it tries."""
+
+    device: str
+    dtype: torch.dtype
+    models: list
+    steps: int
+    kernel_m: int  # rows of section (a)'s problems
+    kernel_c: int  # channels of section (a)'s problems
+    inner: int  # kernel calls per timing
+    repeats: int  # timings per measurement (median)
+    e2e_repeats: int
+    budget_full_calls: int  # cachequant-w8a8's full UNet calls
+    compile_backend: str
+    time_budget_s: float
+    dry_run: bool = False
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def backend(self) -> str:
+        return "triton" if self.device == "cuda" else "reference"
+
+    def left(self) -> float:
+        return self.time_budget_s - (time.perf_counter() - self.started)
+
+
+def gpu_plan(models=("sd15", "sdxl"), steps: int = 50, time_budget_s: float = 540.0) -> Plan:
+    table = {"sd15": Model("SD 1.5 (512 px)", "sd", _sd15_unet(), (768,), 512),
+             "sdxl": Model("SDXL (1024 px)", "sdxl", SDXL_UNET, (768, 1280), 1024)}
+    return Plan("cuda", torch.float16, [table[m] for m in models], steps, kernel_m=4096, kernel_c=320, inner=10,
+                repeats=5, e2e_repeats=2, budget_full_calls=20, compile_backend="inductor",
+                time_budget_s=time_budget_s)
+
+
+def dry_plan() -> Plan:
+    return Plan("cpu", torch.float32, [Model("SD-like tiny (64 px)", "sd", TINY_SD, (16,), 64),
+                                       Model("SDXL-like tiny (64 px)", "sdxl", TINY_SDXL, (16, 16), 64)],
+                steps=3, kernel_m=40, kernel_c=24, inner=1, repeats=1, e2e_repeats=1, budget_full_calls=2,
+                compile_backend="eager", time_budget_s=float("inf"), dry_run=True)
+
+
+def _sd15_unet() -> dict:
+    from .bench import SD15_UNET
+
+    return SD15_UNET
+
+
+# ----------------------------------------------------------------------------------- models
+def build_pipeline(model: Model, device: str, dtype: torch.dtype, seed: int = 0):
+    """A real diffusers pipeline of ``model``'s UNet architecture with random weights, one-layer text encoders
+    of the real widths, a tiny VAE (unused: latents out) and the model's usual scheduler."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .miniature.models import SCHEDULER_CONFIG, build_tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        tok = build_tokenizer(d)
+    torch.manual_seed(seed)
+
+    def text(hidden, proj=False):
+        cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=1,
+                             num_attention_heads=max(1, hidden // 64), max_position_embeddings=tok.model_max_length,
+                             projection_dim=hidden, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+        return (CLIPTextModelWithProjection if proj else CLIPTextModel)(cfg).eval()
+
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    unet = diffusers.UNet2DConditionModel(**model.unet).eval()
+    if model.kind == "sd":
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=vae, text_encoder=text(model.text_dims[0]), tokenizer=tok, unet=unet,
+            scheduler=diffusers.PNDMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    else:
+        sched = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                 timestep_spacing="leading", steps_offset=1)
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text(model.text_dims[0]), text_encoder_2=text(model.text_dims[1], proj=True),
+            tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=sched, force_zeros_for_empty_prompt=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device, dtype)
+    pipe.unet.to(memory_format=torch.channels_last)
+    return pipe
+
+
+def unet_inputs(model: Model, pipe, batch: int = 2):
+    """One UNet call's arguments at the model's resolution (batch 2: CFG's two halves)."""
+    unet = pipe.unet
+    dev, dt = unet.device, unet.dtype
+    lat = model.pixels // 8
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, 4, lat, lat, generator=g).to(dev, dt)
+    ctx = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g).to(dev, dt)
+    kw = dict(encoder_hidden_states=ctx)
+    if model.kind == "sdxl":
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, model.text_dims[1], generator=g).to(dev, dt),
+                                   "time_ids": torch.tensor([[model.pixels, model.pixels, 0, 0, model.pixels,
+                                                              model.pixels]] * batch, dtype=dt, device=dev)}
+    return (x, torch.tensor(500, device=dev)), kw
+
+
+# ----------------------------------------------------------------------------------- timing
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn: Callable, plan: Plan) -> float:
+    """Median seconds per call of ``fn`` (after a warm-up that includes Triton's autotuning)."""
+    fn()
+    _sync(plan.device)
+    times = []
+    for _ in range(plan.repeats):
+        if plan.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(plan.inner):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / plan.inner)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(plan.inner):
+                fn()
+            times.append((time.perf_counter() - t0) / plan.inner)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------- layer constants
+def int8_layer(o: int, c: int, k: int | None, device, seed: int = 0):
+    """int8 weights laid out as :class:`accel.Quantize` stores them, with their constants."""
+    from .transforms.quantize import _weight_sums
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (o, c) if k is None else (o, c, k, k)
+    w = torch.randint(-127, 128, shape, dtype=torch.int8, generator=g)
+    if k is not None:
+        w = w.contiguous(memory_format=torch.channels_last)
+    ws = torch.rand(o, generator=g) / 100 + 1e-3
+    wz = torch.randint(-8, 8, (o,), generator=g).to(torch.int8)
+    tap, total = _weight_sums(w, ws, wz)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(w), to(ws), to(wz), to(tap), to(total)
+
+
+def _table(x) -> torch.Tensor:
+    lo, hi = x.float().aminmax()
+    return torch.stack([(hi - lo) / 254, (hi + lo) / 2]).view(1, 2)
+
+
+def _skewed(shape, dtype, device, g):
+    return F.silu(3 * torch.randn(shape, generator=g)).to(device, dtype)
+
+
+# ----------------------------------------------------------------------------------- (a) kernels
+def kernel_checks(plan: Plan) -> tuple[str, bool]:
+    """Every Triton kernel against the reference: exact integers and the float epilogue's difference (a
+    markdown table, and whether every integer check passed). In a dry run the Triton kernels run in the
+    interpreter."""
+    from . import kernels
+    from .kernels import reference as ref
+
+    dev, m, c = plan.device, plan.kernel_m, plan.kernel_c
+    g = torch.Generator().manual_seed(0)
+    rows = []
+
+    def rel(a, b):
+        return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+    unit = torch.tensor([[1.0, 0.0]], device=dev)
+    # GEMM with int8 A
+    a = torch.randint(-128, 128, (m + 3, c), dtype=torch.int8, generator=g).to(dev)
+    w = torch.randint(-128, 128, (2 * c + 8, c), dtype=torch.int8, generator=g).to(dev)
+    yi = kernels.w8a8_gemm(a, w, torch.tensor(1.0, device=dev), torch.ones(w.shape[0], device=dev), backend="triton")
+    exact = torch.equal(yi.long(), ref.int_matmul(a, w))
+    sa, sw = torch.rand(a.shape[0], generator=g).to(dev), torch.rand(w.shape[0], generator=g).to(dev)
+    wz = torch.randint(-8, 8, (w.shape[0],), generator=g).to(dev)
+    yt = kernels.w8a8_gemm(a, w, sa, sw, None, 0, wz, backend="triton")
+    rows.append(("GEMM, int8 A (per-row scales, asymmetric W)", f"{a.shape[0]}x{w.shape[0]}x{c}", exact,
+                 rel(yt, ref.w8a8_gemm(a, w, sa, sw, None, 0, wz))))
+    # static (fused) and dynamic GEMMs
+    for dtype in (torch.float16, torch.bfloat16) if dev == "cuda" else (torch.float32,):
+        x = _skewed((m + 3, c), dtype, dev, g)
+        lw, lws, lwz, _, lsum = int8_layer(2 * c + 8, c, None, dev)
+        b = torch.randn(lw.shape[0], generator=g).to(dev, dtype)
+        qt, step = torch.cat([_table(x) * 2, _table(x)]), torch.tensor([1], dtype=torch.int32, device=dev)
+        codes = ref.quantize_static(x, qt[1, 0], 0, qt[1, 1])
+        yi = kernels.linear(codes.float(), lw, torch.ones_like(lws), None, None, None, unit, None, backend="triton")
+        exact = torch.equal(yi.long(), ref.int_matmul(codes, lw))
+        args = (x, lw, lws, lwz, b, lsum, qt, step)
+        rows.append((f"GEMM, static {str(dtype)[6:]} A quantized in the kernel", f"{x.shape[0]}x{lw.shape[0]}x{c}",
+                     exact, rel(kernels.linear(*args, backend="triton"), kernels.linear(*args, backend="reference"))))
+        args = (x, lw, lws, lwz, b)
+        rows.append((f"GEMM, dynamic per-token {str(dtype)[6:]} A", f"{x.shape[0]}x{lw.shape[0]}x{c}", None,
+                     rel(kernels.linear(*args, backend="triton"), kernels.linear(*args, backend="reference"))))
+    # convolutions
+    side = max(4, int((m / 2) ** 0.5))
+    for label, cin, kk, stride, pad in [("3x3", c, 3, 1, 1), ("3x3 stride 2", c, 3, 2, 1), ("1x1", c, 1, 1, 0),
+                                        ("3x3, 4 channels (conv_in)", 4, 3, 1, 1)]:
+        dtype = torch.float16 if dev == "cuda" else torch.float32
+        x = _skewed((2, cin, side, side), dtype, dev, g).contiguous(memory_format=torch.channels_last)
+        cw, cws, cwz, ctap, csum = int8_layer(c + 8, cin, kk, dev)
+        b = torch.randn(cw.shape[0], generator=g).to(dev, dtype)
+        qt, step = _table(x), None
+        codes = ref.quantize_static(x, qt[0, 0], 0, qt[0, 1])
+        yi = kernels.conv2d(codes.float(), cw, torch.ones_like(cws), unit, stride=stride, padding=pad, backend="triton")
+        exact = torch.equal(yi.long(), ref.conv2d_int8(codes, cw, stride, pad))
+        args = (x, cw, cws, qt, cwz, b, csum, ctap, step, None, stride, pad)
+        rows.append((f"conv {label}, static {str(dtype)[6:]} A quantized in the kernel",
+                     f"{tuple(x.shape)}->{cw.shape[0]}", exact,
+                     rel(kernels.conv2d(*args, backend="triton"), kernels.conv2d(*args, backend="reference"))))
+    xq = torch.randint(-128, 128, (2, c, side, side), dtype=torch.int8, generator=g).to(dev)
+    cw, cws, cwz, _, _ = int8_layer(c + 8, c, 3, dev)
+    yi = kernels.w8a8_conv2d(xq, cw, 1.0, torch.ones_like(cws), None, 1, 1, backend="triton")
+    rows.append(("conv 3x3, int8 A", f"{tuple(xq.shape)}->{cw.shape[0]}", torch.equal(yi.long(), ref.conv2d_int8(xq, cw, 1, 1)),
+                 rel(kernels.w8a8_conv2d(xq, cw, 0.02, cws, None, 1, 1, cwz, backend="triton"),
+                     kernels.w8a8_conv2d(xq, cw, 0.02, cws, None, 1, 1, cwz, backend="reference"))))
+    # quantize kernels
+    x = torch.randn(m, c, generator=g).to(dev) * 3
+    qt_, st_ = kernels.quantize_per_token(x, backend="triton")
+    qr, sr = kernels.quantize_per_token(x, backend="reference")
+    rows.append(("quantize per token", f"{m}x{c}", torch.equal(qt_, qr) and torch.equal(st_, sr), None))
+    rows.append(("quantize static (scale, shift, zero point)", f"{m}x{c}",
+                 torch.equal(kernels.quantize_static(x, 0.013, 7, 0.25, backend="triton"),
+                             ref.quantize_static(x, 0.013, 7, 0.25)), None))
+    head = ("| kernel | problem | integers exact | max \\|Δ\\| / max \\|y\\| (float epilogue) |\n|---|---|---|---|")
+    fmt = lambda v: "—" if v is None else ("**yes**" if v is True else ("**NO**" if v is False else f"{v:.1e}"))  # noqa: E731
+    return head + "\n" + "\n".join(f"| {n} | {p} | {fmt(e)} | {fmt(r)} |" for n, p, e, r in rows), \
+        all(e is not False for _, _, e, _ in rows)
+
+
+# ----------------------------------------------------------------------------------- (b) layer shapes
+@dataclass(frozen=True)
+class LayerShape:
+    kind: str  # "linear" | "conv"
+    x: tuple  # (M, K) or (N, C, H, W)
+    out: int
+    k: int = 1
+    stride: int = 1
+    padding: int = 0
+
+    @property
+    def macs(self) -> int:
+        if self.kind == "linear":
+            return self.x[0] * self.x[1] * self.out
+        n, c, h, w = self.x
+        ho, wo = (h + 2 * self.padding - self.k) // self.stride + 1, (w + 2 * self.padding - self.k) // self.stride + 1
+        return n * ho * wo * self.out * c * self.k * self.k
+
+    def label(self) -> str:
+        if self.kind == "linear":
+            return f"linear {self.x[0]}x{self.x[1]} -> {self.out}"
+        n, c, h, w = self.x
+        return f"conv{self.k}x{self.k}{'/2' if self.stride == 2 else ''} {n}x{c}x{h}x{w} -> {self.out}"
+
+
+def layer_shapes(model: Model, pipe) -> dict:
+    """``{LayerShape: count}`` of every Linear and Conv2d call in one UNet forward at the model's resolution."""
+    counts: dict = {}
+    hooks = []
+
+    def record(module, args):
+        x = args[0]
+        if isinstance(module, torch.nn.Linear):
+            s = LayerShape("linear", (x.numel() // x.shape[-1], x.shape[-1]), module.out_features)
+        else:
+            s = LayerShape("conv", tuple(x.shape), module.out_channels, module.kernel_size[0], module.stride[0],
+                           module.padding[0])
+        counts[s] = counts.get(s, 0) + 1
+
+    for m in pipe.unet.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            hooks.append(m.register_forward_pre_hook(record))
+    args, kw = unet_inputs(model, pipe)
+    try:
+        with torch.no_grad():
+            pipe.unet(*args, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+def time_layer(s: LayerShape, plan: Plan) -> dict:
+    """Seconds per call of one layer shape: the static W8A8 op, fp16 cuBLAS/cuDNN, and ``torch._int_mm``."""
+    from . import kernels
+
+    dev, dt = plan.device, plan.dtype
+    g = torch.Generator().manual_seed(1)
+    step = torch.zeros(1, dtype=torch.int32, device=dev)
+    out = {}
+    if s.kind == "linear":
+        x = _skewed(s.x, dt, dev, g)
+        w, ws, wz, _, wsum = int8_layer(s.out, s.x[1], None, dev)
+        wf, b = torch.randn(s.out, s.x[1], generator=g).to(dev, dt) / 30, torch.zeros(s.out, device=dev, dtype=dt)
+        qt = _table(x)
+        out["int8"] = timeit(lambda: kernels.linear(x, w, ws, wz, b, wsum, qt, step, plan.backend), plan)
+        out["fp16"] = timeit(lambda: F.linear(x, wf, b), plan)
+        if dev == "cuda" and s.x[0] > 16 and s.x[1] % 8 == 0 and s.out % 8 == 0:
+            a8, wt = torch.randint(-127, 128, s.x, dtype=torch.int8, device=dev), w.t()
+            try:
+                out["int_mm"] = timeit(lambda: torch._int_mm(a8, wt), plan)
+            except RuntimeError:
+                pass
+    else:
+        x = _skewed(s.x, dt, dev, g).contiguous(memory_format=torch.channels_last)
+        w, ws, wz, tap, wsum = int8_layer(s.out, s.x[1], s.k, dev)
+        wf = (torch.randn(s.out, s.x[1], s.k, s.k, generator=g) / 30).to(dev, dt).contiguous(memory_format=torch.channels_last)
+        b = torch.zeros(s.out, device=dev, dtype=dt)
+        qt = _table(x)
+        out["int8"] = timeit(lambda: kernels.conv2d(x, w, ws, qt, wz, b, wsum, tap, step, None, s.stride, s.padding,
+                                                    plan.backend), plan)
+        out["fp16"] = timeit(lambda: F.conv2d(x, wf, b, s.stride, s.padding), plan)
+    return out
+
+
+def layer_throughput(plan: Plan, model: Model, pipe) -> str:
+    counts = layer_shapes(model, pipe)
+    rows, tot = [], {"int8": 0.0, "fp16": 0.0}
+    float_name = "fp16 cuBLAS/cuDNN" if plan.device == "cuda" else f"{str(plan.dtype)[6:]} torch (CPU)"
+    for s, n in sorted(counts.items(), key=lambda kv: -kv[0].macs * kv[1]):
+        t = time_layer(s, plan)
+        tot["int8"] += n * t["int8"]
+        tot["fp16"] += n * t["fp16"]
+        tops = lambda sec: f"{2 * s.macs / sec / 1e12:.1f}"  # noqa: E731
+        rows.append(f"| {s.label()} | {n} | {t['fp16'] * 1e6:.0f} ({tops(t['fp16'])}) | "
+                    f"{t['int8'] * 1e6:.0f} ({tops(t['int8'])}) | "
+                    + (f"{t['int_mm'] * 1e6:.0f} ({tops(t['int_mm'])})" if "int_mm" in t else "—")
+                    + f" | {t['fp16'] / t['int8']:.2f}x |")
+    head = (f"| layer (batch 2) | calls per UNet call | {float_name} µs (TOPS) | static W8A8 µs (TOPS) | "
+            f"torch._int_mm µs (TOPS) | float / W8A8 |\n|---|---|---|---|---|---|")
+    summary = (f"\nAll Linear/Conv2d calls of one UNet call, weighted by count: {float_name} {tot['fp16'] * 1e3:.1f} ms, "
+               f"static W8A8 {tot['int8'] * 1e3:.1f} ms ({tot['fp16'] / tot['int8']:.2f}x). Split-shortcut convs "
+               "(two int8 halves) are timed whole here.\n")
+    return head + "\n" + "\n".join(rows) + "\n" + summary
+
+
+# ----------------------------------------------------------------------------------- (c) end to end
+def _peak_reset(dev):
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(dev) -> str:
+    return f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if dev == "cuda" else "n/a"
+
+
+def end_to_end(plan: Plan, model: Model, pipe) -> str:
+    import accel
+    from .calibrate import calibrate
+    from .transforms.quantize import weight_bytes
+
+    kw = dict(prompt="a red circle on a blue square", num_inference_steps=plan.steps, guidance_scale=7.5,
+              output_type="latent", height=model.pixels, width=model.pixels)
+
+    def call():
+        with torch.no_grad():
+            out = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+        _sync(plan.device)
+        return out
+
+    t0 = time.perf_counter()
+    cal = calibrate(pipe, "cachequant-w8a8", ["a red circle on a blue square"], steps=plan.steps,
+                    budget=plan.budget_full_calls, batch_size=1, guidance=7.5, refine=False, progress=False)
+    cal_s = time.perf_counter() - t0
+    rows = [("fp16" if plan.dtype == torch.float16 else "float", None, False),
+            ("float + torch.compile" if plan.dtype != torch.float16 else "fp16 + torch.compile", None, True),
+            ("cache I=5", [accel.FeatureCache(interval=5)], False),
+            ("W8A8 (static, per-call scales)", "w8a8", False),
+            ("W8A8 + torch.compile", "w8a8", True),
+            (f"cachequant-w8a8 ({plan.budget_full_calls} full calls)", "cachequant-w8a8", False)]
+    lines, base = [], None
+    for name, transforms, compiled in rows:
+        if plan.left() < (COMPILE_RESERVE_S if compiled else 0):  # a compile that would overrun is not started
+            lines.append(f"| {name} | not run (time budget) | | | | |")
+            continue
+        handle = accel.apply(pipe, transforms, calibration=cal) if transforms is not None else None
+        unet = pipe.unet
+        try:
+            wbytes = weight_bytes(unet)
+            if compiled:
+                torch._dynamo.reset()
+                pipe.unet = torch.compile(unet, backend=plan.compile_backend)
+            _peak_reset(plan.device)
+            t0 = time.perf_counter()
+            call()
+            first = time.perf_counter() - t0
+            secs = []
+            for _ in range(plan.e2e_repeats):
+                t0 = time.perf_counter()
+                call()
+                secs.append(time.perf_counter() - t0)
+            sec = statistics.median(secs)
+            peak = _peak(plan.device)
+        finally:
+            pipe.unet = unet
+            if handle is not None:
+                handle.remove()
+        base = base or sec
+        lines.append(f"| {name} | {sec:.2f} | {base / sec:.2f}x | {first:.1f} | {peak} | {wbytes / 2**20:.1f} |")
+    head = ("| method | s / image | speed-up | first call s (compile, autotune) | peak GPU memory GiB | "
+            "UNet weights MiB |\n|---|---|---|---|---|---|")
+    return (head + "\n" + "\n".join(lines) + f"\n\nCalibration (cachequant-w8a8, 1 prompt, {plan.steps} steps; the "
+            f"W8A8 rows use its static scales): {cal_s:.0f} s. Peak memory includes the float layers `accel.apply` "
+            "keeps for `remove()`.\n")
+
+
+# ----------------------------------------------------------------------------------- report
+def run(plan: Plan, command_line: str) -> str:
+    import triton
+
+    if plan.device == "cuda":
+        dev = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+        head = [f"# GPU benchmarks\n\nGenerated by `{command_line}` — do not edit by hand. Device: {dev}; torch "
+                f"{torch.__version__}, triton {triton.__version__}, {plan.steps} steps, batch 2 (one prompt with CFG).\n"]
+    else:
+        head = [f"# GPU benchmark: DRY RUN on CPU\n\nGenerated by `{command_line}` on {platform.processor() or 'CPU'}: "
+                "tiny UNets, few steps, the reference backend (the Triton kernels in the interpreter for section "
+                "(a)). These are not GPU figures; they show that the benchmark's code runs.\n"]
+    out = head
+    table, ok = kernel_checks(plan)
+    out.append("## (a) Kernels against the reference\n\n" + table + "\n")
+    if not ok:
+        out.append("**A kernel disagrees with the reference: the timings below are of wrong kernels.**\n")
+    for model in plan.models:
+        pipe = build_pipeline(model, plan.device, plan.dtype)
+        out.append(f"## (b) Layer throughput: {model.name}\n\n" + layer_throughput(plan, model, pipe))
+        out.append(f"## (c) End to end: {model.name}, {plan.steps} steps\n\n" + end_to_end(plan, model, pipe))
+        del pipe
+        if plan.device == "cuda":
+            torch.cuda.empty_cache()
+    return "\n".join(out)
+
+
+DEFAULT_OUT = "docs/GPU_BENCHMARKS.md"
+NOT_RUN = "# GPU benchmarks\n\nNot run: no CUDA device on the machine that ran `accel bench --gpu`.\n"
+
+
+def main(args) -> str:
+    """``accel bench --gpu``: the report's text (see :data:`NOT_RUN` without CUDA unless ``--dry-run``)."""
+    line = "accel bench --gpu" + (" --dry-run" if args.dry_run else "")
+    if args.dry_run:
+        return run(dry_plan(), line)
+    if not torch.cuda.is_available():
+        return NOT_RUN
+    return run(gpu_plan(tuple(args.gpu_models.split(",")), args.gpu_steps), line)

@@ -1,0 +1,249 @@
+"""What a GPU would run, measured without one: compile every Triton kernel variant in every autotune config for
+sm_80 (A100) and sm_90a (H100) on this machine and read registers, spills and shared memory from ``ptxas``.
+
+    python -m accel.kernels.build_report --out DIR [--arch 80 90] [--only VARIANT ...] [--configs LABEL ...] [--jobs N]
+
+writes ``DIR/<variant>.<config>.sm_<arch>.ptx`` and ``DIR/report.json``: one row per build with the kernel,
+variant, config, arch, registers, spill store/load bytes, shared memory (Triton's allocation), and the count of
+int8 tensor-core instructions in the PTX (``mma.sync ... .s8`` on sm_80, ``wgmma ... .s8`` on sm_90a).
+Triton compiles for an explicit ``GPUTarget`` with no driver, and its wheel ships ``ptxas``. The variants are the
+specialisations the quantized UNet launches (pointer alignment and ``stride == 1`` as Triton specialises them
+at launch). Compilation needs Triton out of its interpreter, so the report runs in a child process with
+``TRITON_INTERPRET=0`` when this one has it on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ARCHS = (80, 90)
+_INT8_MMA = re.compile(r"^\s*(?:mma\.sync\S*|wgmma\.mma_async\S*)\.s8\b", re.M)
+
+# ---------------------------------------------------------------------------------------------- variants
+# name -> (kernel, pointer dtypes, ints divisible by 16, constexprs (besides the config's))
+_GEMM_PTRS = dict(a_ptr="*i8", w_ptr="*i8", c_ptr="*fp32", sa_ptr="*fp32", qt_ptr="*fp32", step_ptr="*i32",
+                  ws_ptr="*fp32", wz_ptr="*i8", wsum_ptr="*fp32", b_ptr="*fp32")
+_GEMM_DIV = ("N", "K", "stride_am", "stride_wn", "stride_cm")
+_GEMM_FLAGS = dict(A_MODE=0, PER_ROW_A=False, HAS_STEP=False, HAS_WZ=True, HAS_AZ=False, HAS_SHIFT=False,
+                   HAS_BIAS=True, EVEN_K=True, OFFS_64=False)
+_CONV_PTRS = dict(x_ptr="*i8", w_ptr="*i8", y_ptr="*fp32", r_ptr="*fp16", xs_ptr="*fp32", qt_ptr="*fp32",
+                  step_ptr="*i32", ws_ptr="*fp32", wz_ptr="*i8", wsum_ptr="*fp32", wtap_ptr="*fp32", b_ptr="*fp32")
+_CONV_DIV = ("C", "O", "sxn", "sxc", "sxh", "sxw", "swo", "swh", "sww", "syn", "syh", "syw")
+_CONV_FLAGS = dict(A_MODE=0, HAS_STEP=False, HAS_WZ=True, HAS_SHIFT=False, HAS_BIAS=True, HAS_RES=False,
+                   EVEN_C=True, OFFS_64=False, KH=3, KW=3, STRIDE=1, PAD=1, sxc=1, syo=1)
+
+
+def _static(dtype):  # a static quantized layer in the model's float dtype: one kernel
+    return dict(a_ptr=f"*{dtype}", c_ptr=f"*{dtype}", b_ptr=f"*{dtype}"), dict(A_MODE=1, HAS_STEP=True, HAS_SHIFT=True)
+
+
+VARIANTS = {
+    "gemm.int8": ("gemm", {}, {}),
+    "gemm.static.fp16": ("gemm",) + _static("fp16"),
+    "gemm.static.bf16": ("gemm",) + _static("bf16"),
+    "gemm.static.fp16.oddk": ("gemm", _static("fp16")[0], dict(_static("fp16")[1], EVEN_K=False)),
+    "gemm.dynamic.fp16": ("gemm", dict(a_ptr="*fp16", c_ptr="*fp16", b_ptr="*fp16"), dict(A_MODE=2, PER_ROW_A=True)),
+    "conv.int8.3x3": ("conv", {}, {}),
+    "conv.static.fp16.3x3": ("conv", dict(x_ptr="*fp16", y_ptr="*fp16", b_ptr="*fp16"),
+                             dict(A_MODE=1, HAS_STEP=True, HAS_SHIFT=True)),
+    "conv.static.bf16.3x3": ("conv", dict(x_ptr="*bf16", y_ptr="*bf16", b_ptr="*bf16"),
+                             dict(A_MODE=1, HAS_STEP=True, HAS_SHIFT=True)),
+    "conv.static.fp16.3x3s2": ("conv", dict(x_ptr="*fp16", y_ptr="*fp16", b_ptr="*fp16"),
+                               dict(A_MODE=1, HAS_STEP=True, HAS_SHIFT=True, STRIDE=2)),
+    "conv.static.fp16.3x3.split": ("conv", dict(x_ptr="*fp16", y_ptr="*fp16", r_ptr="*fp16"),
+                                   dict(A_MODE=1, HAS_STEP=True, HAS_SHIFT=True, HAS_BIAS=False, HAS_RES=True)),
+    "conv.static.fp16.1x1": ("conv", dict(x_ptr="*fp16", y_ptr="*fp16", b_ptr="*fp16"),
+                             dict(A_MODE=1, HAS_STEP=True, HAS_SHIFT=True, KH=1, KW=1, PAD=0)),
+    "conv.static.fp16.3x3.c4": ("conv", dict(x_ptr="*fp16", y_ptr="*fp16", b_ptr="*fp16"),  # conv_in: 4 channels,
+                                dict(A_MODE=1, HAS_STEP=True, HAS_SHIFT=True, EVEN_C=False,  # NCHW latents
+                                     sxc=None, sxw=1)),
+    "quant.per_token": ("quant_per_token", {}, {}),
+    "quant.static": ("quant_static", {}, {}),
+}
+TENSOR_CORE_KERNELS = ("gemm", "conv")
+
+
+def _kernels():
+    from . import triton_kernels as tk
+
+    return {"gemm": (tk._gemm_kernel, _GEMM_PTRS, _GEMM_DIV, _GEMM_FLAGS),
+            "conv": (tk._conv_kernel, _CONV_PTRS, _CONV_DIV, _CONV_FLAGS),
+            "quant_per_token": (tk._quant_per_token_kernel, dict(x_ptr="*fp16", q_ptr="*i8", s_ptr="*fp32"),
+                                ("K", "stride_xm", "stride_qm"), {}),
+            "quant_static": (tk._quant_static_kernel, dict(x_ptr="*fp16", q_ptr="*i8", qp_ptr="*fp32"), (), {})}
+
+
+def _jit_fn(kernel):
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def _configs(kernel, channels: int | None = None):
+    """``[(label, constexprs, num_warps, num_stages)]``: the autotuner's configs (for a conv, those it keeps
+    for ``channels`` input channels), or the one plain launch."""
+    import triton
+
+    from .triton_kernels import conv_configs
+
+    if isinstance(kernel, triton.runtime.Autotuner):
+        out = []
+        for c in (conv_configs(kernel.configs, channels) if channels is not None else kernel.configs):
+            kw = c.kwargs
+            label = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}w{c.num_warps}s{c.num_stages}"
+            out.append((label, dict(kw), c.num_warps, c.num_stages))
+        return out
+    return [("block1024w4", {"BLOCK": 1024} if "BLOCK" in _jit_fn(kernel).arg_names else {"BLOCK_K": 1024}, 4, 3)]
+
+
+def builds(only: list[str] | None = None, archs=ARCHS, configs: list[str] | None = None) -> list[tuple]:
+    kernels = _kernels()
+    out = []
+    for name, (kname, ptrs, flags) in VARIANTS.items():
+        if only and not any(name == o or name.startswith(o + ".") for o in only):
+            continue
+        channels = 4 if name.endswith(".c4") else 320  # what the conv's autotuner keeps for this variant
+        for label, cfg, warps, stages in _configs(kernels[kname][0], channels if kname == "conv" else None):
+            if configs and not any(label.startswith(c) for c in configs):
+                continue
+            for arch in archs:
+                out.append((name, kname, ptrs, flags, label, cfg, warps, stages, arch))
+    return out
+
+
+def _ptxas():
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+UNIT_STRIDES = ("sxc", "sxw", "syo")  # what a launch on channels_last tensors makes constant
+
+
+def compile_one(job, out_dir: str, generic: bool = False) -> dict:
+    """Compile one (variant, config, arch) to PTX, run ``ptxas -v``, return the report row. ``generic``: no
+    launch specialisation (no 16-divisibility, no unit strides): the worst case for registers."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name, kname, ptrs, flags, label, cfg, warps, stages, arch = job
+    kernel, base_ptrs, divisible, base_flags = _kernels()[kname]
+    fn = _jit_fn(kernel)
+    constexprs = {k: v for k, v in {**base_flags, **flags, **cfg}.items() if k in fn.arg_names
+                  and v is not None and not (generic and k in UNIT_STRIDES)}  # None: a runtime argument
+    all_ptrs = {**base_ptrs, **ptrs}
+    signature, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in all_ptrs:
+            signature[arg] = all_ptrs[arg]
+            if not generic:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[arg] = "i32"
+            if arg in divisible and not generic:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+    t0 = time.time()
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=warps, num_stages=stages))
+    ptx = compiled.asm["ptx"]
+    path = Path(out_dir) / f"{name}.{label}.{gpu}{'.generic' if generic else ''}.ptx"
+    path.write_text(ptx)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", str(path), "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"ptxas failed on {path.name}: {res.stderr.strip()[:500]}")
+    log = res.stderr + res.stdout
+    regs = re.search(r"Used (\d+) registers", log)
+    return dict(kernel=kname, variant=name, config=label, arch=gpu, specialised=not generic, num_warps=warps, num_stages=stages,
+                registers=int(regs.group(1)) if regs else None,
+                spill_store_bytes=sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log)),
+                spill_load_bytes=sum(int(x) for x in re.findall(r"(\d+) bytes spill loads", log)),
+                shared_bytes=int(compiled.metadata.shared),
+                int8_mma=len(_INT8_MMA.findall(ptx)), ptx=path.name, compile_s=round(time.time() - t0, 2))
+
+
+def _compile_star(args):
+    return compile_one(*args)
+
+
+def run(out_dir, only=None, archs=ARCHS, jobs: int = 1, configs=None, generic: bool = False) -> list[dict]:
+    """Build everything (in this process: Triton must not be in interpreter mode) and write ``report.json``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = builds(only, archs, configs)
+    if not todo:
+        raise SystemExit(f"no kernel variant matches {only}; variants: {', '.join(VARIANTS)}")
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            rows = list(pool.map(_compile_star, [(j, str(out), generic) for j in todo]))
+    else:
+        rows = [compile_one(j, str(out), generic) for j in todo]
+    report = {"triton": _triton_version(), "builds": rows, "summary": summary(rows)}
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, out / "report.json")
+    return rows
+
+
+def _triton_version():
+    import triton
+
+    return triton.__version__
+
+
+def summary(rows: list[dict]) -> dict:
+    spilling = [f"{r['variant']} {r['config']} {r['arch']}" for r in rows if r["spill_store_bytes"] or r["spill_load_bytes"]]
+    no_mma = [f"{r['variant']} {r['config']} {r['arch']}" for r in rows
+              if r["kernel"] in TENSOR_CORE_KERNELS and r["int8_mma"] == 0]
+    return {"builds": len(rows), "spilling": spilling, "tensor_core_kernels_without_int8_mma": no_mma,
+            "max_registers": max((r["registers"] or 0) for r in rows) if rows else 0}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| variant | config | arch | regs | spill st/ld B | smem B | int8 mma |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['config']} | {r['arch']} | {r['registers']} | {r['spill_store_bytes']}/"
+                     f"{r['spill_load_bytes']} | {r['shared_bytes']} | {r['int8_mma']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m accel.kernels.build_report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for the PTX files and report.json (created)")
+    p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
+    p.add_argument("--only", nargs="+", help=f"variant names or prefixes (of: {', '.join(VARIANTS)})")
+    p.add_argument("--configs", nargs="+", help="tile configs whose label starts with these (e.g. 128x128)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel compilations")
+    p.add_argument("--generic", action="store_true", help="compile without launch specialisation (16-byte "
+                                                          "alignment, unit strides): the worst case")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        return subprocess.call([sys.executable, "-m", "accel.kernels.build_report"] + list(argv or sys.argv[1:]),
+                               env=env)
+    rows = run(args.out, args.only, tuple(args.arch), args.jobs, args.configs, args.generic)
+    print(table(rows))
+    s = summary(rows)
+    print(f"\n{s['builds']} builds, max {s['max_registers']} registers; spilling: {len(s['spilling'])}; "
+          f"GEMM/conv builds without int8 tensor-core instructions: {len(s['tensor_core_kernels_without_int8_mma'])}")
+    print(f"wrote {Path(args.out) / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The quantized layers' calls as ``torch.library`` custom ops: ``accel::linear`` and ``accel::conv2d``.
+
+One op per quantized layer call (both backends: the Triton kernels and the torch reference), each with a fake
+implementation, so ``torch.compile`` traces a quantized UNet as ordinary graph nodes: no graph break, no Python
+float to specialise on (the per-call scales come from a device table indexed by a device step tensor).
+Backward is the straight-through estimator of the activation rounding with frozen weights:
+``dL/dx = dL/dy`` through the dequantized weight (what adapters such as LoRA trained on top need).
+
+:data:`IMPLS` maps each op to its plain Python implementation (a dispatch-mode test can step inside the op).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+
+def _triton():
+    from . import triton_module
+
+    return triton_module()
+
+
+def conv_out_format(x: Tensor, backend: str) -> torch.memory_format:
+    """The memory format a conv op returns: channels_last from the Triton kernel (its tiles are NHWC rows:
+    coalesced stores, and the next layer reads contiguous channels), else the input's."""
+    if backend == "triton":
+        return torch.channels_last
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def conv_out_shape(x: Tensor, w: Tensor, stride: int, padding: int) -> tuple[int, int, int, int]:
+    n, _, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    return n, o, (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
+
+
+# ----------------------------------------------------------------------------------- linear
+def linear_impl(x: Tensor, w: Tensor, w_scale: Tensor, w_zero: Optional[Tensor], bias: Optional[Tensor],
+                w_sum: Optional[Tensor], qtable: Optional[Tensor], step: Optional[Tensor], backend: str) -> Tensor:
+    if backend == "triton":
+        return _triton().gemm(x, w, w_scale, qtable=qtable, step=step, w_zero=w_zero, bias=bias, w_sum=w_sum)[0]
+    if qtable is None:
+        return reference.w8a8_linear(x, w, w_scale, bias, w_zero)
+    return reference.w8a8_linear_static(x, w, w_scale, w_zero, bias, w_sum, qtable, step)
+
+
+@torch.library.custom_op("accel::linear", mutates_args=())
+def linear(x: Tensor, w: Tensor, w_scale: Tensor, w_zero: Optional[Tensor], bias: Optional[Tensor],
+           w_sum: Optional[Tensor], qtable: Optional[Tensor], step: Optional[Tensor], backend: str) -> Tensor:
+    """W8A8 ``x (M, K) -> (M, N)`` in ``x.dtype``: static (``qtable (T, 2)`` of (scale, shift) per call, row
+    ``step``; ``w_sum`` adds the shift back) or, without a table, dynamic per-token quantization."""
+    return linear_impl(x, w, w_scale, w_zero, bias, w_sum, qtable, step, backend)
+
+
+@linear.register_fake
+def _(x, w, w_scale, w_zero, bias, w_sum, qtable, step, backend):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def _dequantized(w: Tensor, w_scale: Tensor, w_zero: Optional[Tensor]) -> Tensor:
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    wf = w.float()
+    if w_zero is not None:
+        wf = wf - w_zero.float().view(shape)
+    return wf * w_scale.float().view(shape)
+
+
+def _save_weights(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2], inputs[3])
+
+
+def _linear_backward(ctx, grad):
+    w, w_scale, w_zero = ctx.saved_tensors
+    gx = grad @ _dequantized(w, w_scale, w_zero).to(grad.dtype) if ctx.needs_input_grad[0] else None
+    return gx, None, None, None, None, None, None, None, None
+
+
+linear.register_autograd(_linear_backward, setup_context=_save_weights)
+
+
+# ----------------------------------------------------------------------------------- conv2d
+def conv2d_impl(x: Tensor, w: Tensor, w_scale: Tensor, w_zero: Optional[Tensor], bias: Optional[Tensor],
+                w_sum: Optional[Tensor], w_tap: Optional[Tensor], qtable: Tensor, step: Optional[Tensor],
+                residual: Optional[Tensor], stride: int, padding: int, backend: str) -> Tensor:
+    if backend == "triton":
+        shape = conv_out_shape(x, w, stride, padding)
+        y = torch.empty_like(residual) if residual is not None else \
+            torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=conv_out_format(x, backend))
+        return _triton().conv2d(x, w, w_scale, y, qtable=qtable, step=step, w_zero=w_zero, bias=bias, w_sum=w_sum,
+                                w_tap=w_tap, residual=residual, stride=stride, padding=padding)
+    y = reference.w8a8_conv2d_static(x, w, w_scale, w_zero, bias, w_sum, w_tap, qtable, step, residual, stride,
+                                     padding)
+    if residual is not None:
+        return torch.empty_like(residual).copy_(y)
+    return y.contiguous(memory_format=conv_out_format(x, backend))
+
+
+@torch.library.custom_op("accel::conv2d", mutates_args=())
+def conv2d(x: Tensor, w: Tensor, w_scale: Tensor, w_zero: Optional[Tensor], bias: Optional[Tensor],
+           w_sum: Optional[Tensor], w_tap: Optional[Tensor], qtable: Tensor, step: Optional[Tensor],
+           residual: Optional[Tensor], stride: int, padding: int, backend: str) -> Tensor:
+    """W8A8 zero-padded conv of a float NCHW ``x`` (quantized with row ``step`` of ``qtable``) by int8 ``w``
+    (channels_last ``(O, C, KH, KW)``), plus ``residual`` if given; ``x.dtype`` out, see :func:`conv_out_format`."""
+    return conv2d_impl(x, w, w_scale, w_zero, bias, w_sum, w_tap, qtable, step, residual, stride, padding, backend)
+
+
+@conv2d.register_fake
+def _(x, w, w_scale, w_zero, bias, w_sum, w_tap, qtable, step, residual, stride, padding, backend):
+    if residual is not None:
+        return torch.empty_like(residual)
+    return torch.empty(conv_out_shape(x, w, stride, padding), dtype=x.dtype, device=x.device,
+                       memory_format=conv_out_format(x, backend))
+
+
+def _save_conv(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2], inputs[3])
+    ctx.x_shape, ctx.stride, ctx.padding = inputs[0].shape, inputs[10], inputs[11]
+
+
+def _conv_backward(ctx, grad):
+    w, w_scale, w_zero = ctx.saved_tensors
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.nn.grad.conv2d_input(ctx.x_shape, _dequantized(w, w_scale, w_zero).to(grad.dtype), grad,
+                                        stride=ctx.stride, padding=ctx.padding)
+    gr = grad if ctx.needs_input_grad[9] else None
+    return gx, None, None, None, None, None, None, None, None, gr, None, None, None
+
+
+conv2d.register_autograd(_conv_backward, setup_context=_save_conv)
+
+IMPLS = {torch.ops.accel.linear.default: linear_impl, torch.ops.accel.conv2d.default: conv2d_impl}
