@@ -78,7 +78,7 @@ def test_static_w8a8_call_does_no_host_work(tokenizer_dir, monkeypatch):
     non-layer ops the only aten work outside the ops is metadata (views, the split's slices) and the step
     counter's fill, and inside the ops only the output allocations."""
     pipe = small_sd_pipe(tokenizer_dir)
-    cal = calibrate(pipe, "w8a8", ["a red circle", "a blue square"], steps=2, budget=1, batch_size=2,
+    cal = calibrate(pipe, "w8a8", ["a red circle", "a blue square"], steps=2, batch_size=2,
                     progress=False)
     unet = pipe.unet
     g = torch.Generator().manual_seed(0)

@@ -212,20 +212,6 @@ class _QBase(nn.Module):
         return sum(b.numel() * b.element_size() for n, b in self._buffers.items()
                    if b is not None and n not in self._non_persistent_buffers_set)
 
-
-def _weight_sums(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None):
-    """The dequantized weight summed over input channels, per tap ``(O, KH * KW)`` (None for Linear) and over
-    everything ``(O,)``: what a shift ``m`` of the input adds (``m W 1``), from exact integer sums."""
-    q = q.long()
-    per_tap = q.sum(1).reshape(q.shape[0], -1) if q.dim() == 4 else None  # (O, KH * KW)
-    total = q.reshape(q.shape[0], -1).sum(1)
-    if z is not None:
-        if per_tap is not None:
-            per_tap = per_tap - z.long()[:, None] * q.shape[1]
-        total = total - z.long() * (q[0].numel())
-    tap = None if per_tap is None else (per_tap.double() * s.double()[:, None]).float()
-    return tap, (total.double() * s.double()).float()
-
     # -- what code written for nn.Linear / nn.Conv2d reads: peft's LoRA wrapper around a quantized base layer --
     def _keep_source(self, m: nn.Module) -> None:
         self.__dict__["_source"] = m  # a plain attribute: not a submodule (not in state_dict, parameters(), .to())
@@ -245,6 +231,19 @@ def _weight_sums(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None):
         :class:`Quantize` re-quantizes the layer from it before the next UNet call."""
         return self.source.weight
 
+
+def _weight_sums(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None):
+    """The dequantized weight summed over input channels, per tap ``(O, KH * KW)`` (None for Linear) and over
+    everything ``(O,)``: what a shift ``m`` of the input adds (``m W 1``), from exact integer sums."""
+    q = q.long()
+    per_tap = q.sum(1).reshape(q.shape[0], -1) if q.dim() == 4 else None  # (O, KH * KW)
+    total = q.reshape(q.shape[0], -1).sum(1)
+    if z is not None:
+        if per_tap is not None:
+            per_tap = per_tap - z.long()[:, None] * q.shape[1]
+        total = total - z.long() * (q[0].numel())
+    tap = None if per_tap is None else (per_tap.double() * s.double()[:, None]).float()
+    return tap, (total.double() * s.double()).float()
 
 class QLinear(_QBase):
     def __init__(self, owner, path, m: nn.Linear):
