@@ -536,16 +536,28 @@ def run(args) -> str:
 
         prompts = miniature.prompts(args.num_prompts, seed=args.seed)
         k10 = calib.meta["cache"]["budget"]
+        float_ends = ["conv_in", "conv_out"]
+        every = calibrate(mini, accel.Recipe("w8a8-every-layer", [accel.Quantize(mode="static")]), steps=50,
+                          guidance=GUIDANCE, progress=not args.quiet)
         methods = [baseline(),
-                   with_calibration("W8A8 static: range-centred, full range (w8a8)", accel.Quantize(mode="static"), calib),
-                   with_calibration("W8A8 static: symmetric, full range", accel.Quantize(mode="static", act_scheme="symmetric"),
+                   with_calibration("W8A8 static, every layer quantized (conv_in, conv_out too)",
+                                    accel.Quantize(mode="static"), every),
+                   with_calibration("W8A8 static: range-centred, full range, conv_in/conv_out in float (w8a8)", "w8a8", calib),
+                   with_calibration("W8A8 static: symmetric, full range", accel.Quantize(
+                       mode="static", act_scheme="symmetric", exclude=float_ends), calib),
+                   with_calibration("W8A8 static: symmetric, MSE clip search (the paper's)", accel.Quantize(
+                       mode="static", act_scheme="symmetric", act_clip="mse", exclude=float_ends), calib),
+                   with_calibration("W8A8 (dynamic)", accel.Quantize(mode="dynamic", exclude=float_ends), calib),
+                   with_calibration("naive: uniform i5 + W8A8, no DEC", [accel.FeatureCache(interval=5),
+                                                                        accel.Quantize(mode="static", exclude=float_ends)],
                                     calib),
-                   with_calibration("W8A8 static: symmetric, MSE clip search (the paper's)",
-                                    accel.Quantize(mode="static", act_scheme="symmetric", act_clip="mse"), calib),
-                   with_calibration("W8A8 (dynamic)", accel.Quantize(mode="dynamic"), calib),
-                   with_calibration(f"naive: uniform i5 + W8A8, no DEC", [accel.FeatureCache(interval=5),
-                                                                         accel.Quantize(mode="static")], calib),
-                   with_calibration(f"cachequant-w8a8 ({k10} full)", "cachequant-w8a8", calib)]
+                   with_calibration(f"cachequant-w8a8 ({k10} full)", "cachequant-w8a8", calib),
+                   with_calibration(f"cachequant-w8a8 without quantization DEC ({k10} full)", [
+                       accel.Quantize(mode="static", exclude=float_ends),
+                       accel.FeatureCache(schedule="calibrated", correction="dec-mean")], calib),
+                   with_calibration("uniform i5 + taylor1 forecast + W8A8", [
+                       accel.FeatureCache(interval=5, forecast="taylor1"), accel.Quantize(mode="static", exclude=float_ends)],
+                                    calib)]
         out.append(f"## W8A8 on the miniature (same prompts and seeds; reference int8 backend on CPU)\n")
         table, _ = quality_rows(mini, methods, prompts, 50, seed=args.seed, progress=not args.quiet)
         out.append(table + "\n")
