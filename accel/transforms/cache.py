@@ -224,14 +224,15 @@ class FeatureCache(Transform):
             key = (t, tuple(self._idx))
             fn = self._dec_cache.get(key)
             if fn is None:
-                fn = self._dec_cache[key] = self._calib.dec_for(t, list(self._idx), gain=self.correction == "dec")
+                fn = self._dec_cache[key] = self._calib.dec_for(t, self._idx[: self._order + 1],
+                                                                gain=self.correction == "dec")
             self._correction = fn
 
     @torch.compiler.disable
     def _decide(self, p):
         """Probe hook (conv_in output ``p``): decide an open call; keep the probe of full calls."""
         if self._open:
-            t = self._step()
+            t = self._clock.step
             pred = self._forecast(self._probes) if self._sources > 1 else self._probes[0]
             # the one deliberate host sync of the adaptive mode: the decision is a host branch
             self._full = float(adaptive.relative_error(p, pred)) > self._threshold
@@ -239,9 +240,6 @@ class FeatureCache(Transform):
             self._settle(t)
         if self._full and self.schedule == "adaptive":
             self._keep(self._probes, p)
-
-    def _step(self):
-        return self._clock.step
 
     def _keep(self, store: list, f):
         """Keep a full call's feature for the forecast (newest first, as many as the forecast needs)."""
