@@ -362,6 +362,7 @@ def test_miniature_recipes_keep_a_lora(tmp_path):
     assert mse(lora, base) > 0.01  # the adapter visibly changes the images (pixel values in [0, 1])
     calib = tmp_path / "c"
     calibrate(pipe, "cachequant-w8a8", kw["prompt"], steps=50, budget=11, batch_size=2, progress=False,
+              guidance=miniature.GUIDANCE,
               refine=False).save(calib)
     for recipe in ["deepcache-i3", "cachequant-dp", "cachequant-w8a8", "w8a8", "asdm-block-mid", "asdm-unit-attn2"]:
         with accel.apply(pipe, recipe, calibration=calib if recipe.startswith("cachequant") else None):
