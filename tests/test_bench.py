@@ -61,3 +61,20 @@ def test_gpu_bench_dry_run_and_not_run(tmp_path, monkeypatch):
                 "| W8A8 + torch.compile |", "| cachequant-w8a8 (2 full calls) |"):
         assert row in text
     assert "not run" not in text and "GiB" in text and " n/a " in text  # no GPU memory figure on CPU
+
+
+def test_flop_counter_counts_quantized_layers_as_their_float_layers(tokenizer_dir):
+    """The int8 custom ops have FLOP formulas: a W8A8 pipeline call counts the float call's FLOPs (the FLOP-ideal
+    speedup of a composition with W8A8 is that of its cache), and the split shortcut's two halves add up."""
+    import accel
+    from accel.bench import baseline, pipeline_flops, with_calibration
+
+    from conftest import make_pipe
+
+    pipe = make_pipe("sd", tokenizer_dir, scheduler="DDIMScheduler")
+    base = pipeline_flops(pipe, baseline(), 3, 8)
+    w8a8 = with_calibration("w8a8", accel.Quantize(mode="dynamic"), None)
+    assert base > 0 and pipeline_flops(pipe, w8a8, 3, 8) == base
+    both = with_calibration("cache + w8a8", [accel.FeatureCache(schedule=[0]), accel.Quantize(mode="dynamic")], None)
+    cache = with_calibration("cache", accel.FeatureCache(schedule=[0]), None)
+    assert pipeline_flops(pipe, both, 3, 8) == pipeline_flops(pipe, cache, 3, 8) < base
