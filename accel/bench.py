@@ -489,8 +489,7 @@ def run(args) -> str:
         n = _calls(mini, 50)
         budgets = [len(range(0, n, i)) for i in (5, 2, 3, 7)]  # the first (interval 5) is the artifact's default
         one = calibrate(mini, "cachequant-dp", steps=50, budget=budgets[0], guidance=GUIDANCE, progress=not args.quiet)
-        calib = calibrate(mini, "cachequant-w8a8", steps=50, budget=budgets, guidance=GUIDANCE,
-                          progress=not args.quiet)
+        calib = calibrate(mini, "cachequant-dp", steps=50, budget=budgets, guidance=GUIDANCE, progress=not args.quiet)
         ref = calib.meta["cache"]["refined"]
         rows = [f"| {k} | {ref[str(k)]['dp']} | {ref[str(k)]['dp_error_db']:+.2f} | {calib.cache(0).full_calls(n, k)} | "
                 f"{ref[str(k)]['from']} | {ref[str(k)]['error_db']:+.2f} | {ref[str(k)]['evals']} | {ref[str(k)]['seconds']:.0f} |"
@@ -498,9 +497,8 @@ def run(args) -> str:
         out.append(f"## Calibration\n\n`calibrate(miniature, 'cachequant-dp', steps=50, budget={budgets[0]}, guidance={GUIDANCE})` "
                    f"(the defaults of `accel calibrate`: cache statistics on {one.meta['prompts']['count']} prompts, the DP "
                    f"schedule refined on {ref[str(budgets[0])]['prompts']} of them): **{one.meta['seconds']:.1f} s** on one CPU "
-                   f"thread. With W8A8 and refined schedules for {len(budgets)} budgets, `calibrate(miniature, "
-                   f"'cachequant-w8a8', steps=50, budget={budgets})` (activation scales of {calib.meta['quant']['layers']} "
-                   f"layers, quantization DEC): {calib.meta['seconds']:.1f} s.\n\n"
+                   f"thread; with refined schedules for {len(budgets)} budgets, `calibrate(miniature, "
+                   f"'cachequant-dp', steps=50, budget={budgets})`: {calib.meta['seconds']:.1f} s.\n\n"
                    "Schedules per budget: CacheQuant's DP on the feature distances, and the refined one (local search on "
                    "the final latents' error on the calibration prompts, from the DP's and the even schedule; "
                    "error = mean 10 log10 MSE vs the uncached latents, lower is better; dec-mean correction active):\n\n"
@@ -532,33 +530,55 @@ def run(args) -> str:
         table, _ = quality_rows(mini, methods, prompts, 50, seed=args.seed, progress=not args.quiet)
         out.append(table + "\n")
     if "quant" in sections:
+        from accel.calibrate import collect_quant_dec
+        from accel.calibration import Calibration, refined_key
         from accel.transforms.quantize import weight_bytes
 
         prompts = miniature.prompts(args.num_prompts, seed=args.seed)
-        k10 = calib.meta["cache"]["budget"]
+        k10 = budgets[0]
         float_ends = ["conv_in", "conv_out"]
+        w8a8 = lambda **kw: accel.Quantize(mode="static", exclude=float_ends, **kw)
+        forecast = lambda **kw: accel.FeatureCache(forecast="taylor1", trust="skill", **kw)
         every = calibrate(mini, accel.Recipe("w8a8-every-layer", [accel.Quantize(mode="static")]), steps=50,
                           guidance=GUIDANCE, progress=not args.quiet)
+        cq = calibrate(mini, "cachequant-w8a8", steps=50, budget=k10, guidance=GUIDANCE, progress=not args.quiet)
+        paper = calibrate(mini, accel.Recipe("cachequant-paper", [w8a8(correction="dec"), accel.FeatureCache(
+            schedule="dp", correction="dec")]), steps=50, budget=k10, guidance=GUIDANCE, refine=False,
+            progress=not args.quiet)
+        # the same forecast on the schedule refined without the quantizer (the scales do not depend on the schedule)
+        cf = calibrate(mini, "cache-forecast", steps=50, budget=k10, guidance=GUIDANCE, progress=not args.quiet)
+        scales = {k: v for k, v in cq.tensors.items() if k.startswith("quant.")}
+        cf = Calibration(cf.meta, {**cf.tensors, **scales})
+        # cachequant-w8a8 + the paper's quantization DEC, measured with its own cache
+        fc = forecast(schedule="calibrated")
+        qdec = collect_quant_dec(mini, w8a8(), fc, cq, miniature.prompts(8, seed=0, split="train"), 50, n,
+                                 guidance=GUIDANCE, progress=not args.quiet)
+        cq_dec = Calibration(cq.meta, {**cq.tensors, **qdec})
+        cq_ref = cq.meta["cache"]["refined"][f"taylor1+skill.{k10}"]
         methods = [baseline(),
                    with_calibration("W8A8 static, every layer quantized (conv_in, conv_out too)",
                                     accel.Quantize(mode="static"), every),
-                   with_calibration("W8A8 static: range-centred, full range, conv_in/conv_out in float (w8a8)", "w8a8", calib),
-                   with_calibration("W8A8 static: symmetric, full range", accel.Quantize(
-                       mode="static", act_scheme="symmetric", exclude=float_ends), calib),
-                   with_calibration("W8A8 static: symmetric, MSE clip search (the paper's)", accel.Quantize(
-                       mode="static", act_scheme="symmetric", act_clip="mse", exclude=float_ends), calib),
-                   with_calibration("W8A8 (dynamic)", accel.Quantize(mode="dynamic", exclude=float_ends), calib),
-                   with_calibration("naive: uniform i5 + W8A8, no DEC", [accel.FeatureCache(interval=5),
-                                                                        accel.Quantize(mode="static", exclude=float_ends)],
-                                    calib),
-                   with_calibration(f"cachequant-w8a8 ({k10} full)", "cachequant-w8a8", calib),
-                   with_calibration(f"cachequant-w8a8 without quantization DEC ({k10} full)", [
-                       accel.Quantize(mode="static", exclude=float_ends),
-                       accel.FeatureCache(schedule="calibrated", correction="dec-mean")], calib),
-                   with_calibration("uniform i5 + taylor1 forecast + W8A8", [
-                       accel.FeatureCache(interval=5, forecast="taylor1"), accel.Quantize(mode="static", exclude=float_ends)],
-                                    calib)]
-        out.append(f"## W8A8 on the miniature (same prompts and seeds; reference int8 backend on CPU)\n")
+                   with_calibration("W8A8 static: range-centred, full range, conv_in/conv_out in float (w8a8)", "w8a8", cq),
+                   with_calibration("W8A8 static: symmetric, full range", w8a8(act_scheme="symmetric"), cq),
+                   with_calibration("W8A8 static: symmetric, MSE clip search (the paper's)",
+                                    w8a8(act_scheme="symmetric", act_clip="mse"), cq),
+                   with_calibration("W8A8 (dynamic)", accel.Quantize(mode="dynamic", exclude=float_ends), cq),
+                   with_calibration(f"naive: uniform i5 ({k10} full) + W8A8", [accel.FeatureCache(interval=5), w8a8()], cq),
+                   with_calibration(f"CacheQuant as published: DP ({k10} full) + DEC + W8A8 + quantization DEC",
+                                    [w8a8(correction="dec"), accel.FeatureCache(schedule="dp", correction="dec")], paper),
+                   with_calibration("uniform i5 + taylor1 + skill (forecast-i5) + W8A8", [w8a8(), forecast(interval=5)], cq),
+                   with_calibration("W8A8 + taylor1 + skill on the schedule refined without the quantizer "
+                                    "(cache-forecast's)", [w8a8(), forecast(schedule="calibrated")], cf),
+                   with_calibration(f"cachequant-w8a8 ({k10} full; schedule refined with W8A8 running)", "cachequant-w8a8", cq),
+                   with_calibration("cachequant-w8a8 + quantization DEC (measured with its cache)",
+                                    [w8a8(correction="dec"), forecast(schedule="calibrated")], cq_dec)]
+        out.append("## W8A8 on the miniature (same prompts and seeds; reference int8 backend on CPU)\n")
+        out.append(f"Calibrations: `cachequant-w8a8` at {k10} full calls (activation scales of {cq.meta['quant']['layers']} "
+                   f"layers, then the schedule refined from the DP's {cq_ref['dp']} and the even one with the quantized "
+                   f"model running: {cq.tensors[refined_key(0, k10, 'taylor1+skill')].tolist()}, {cq_ref['evals']} "
+                   f"runs on {cq_ref['prompts']} prompts): {cq.meta['seconds']:.1f} s; refined without the quantizer "
+                   f"(`cache-forecast`): {cf.tensors[refined_key(0, k10, 'taylor1+skill')].tolist()}; the paper's "
+                   f"variant (DP schedule, cache and quantization DEC, no refinement): {paper.meta['seconds']:.1f} s.\n")
         table, _ = quality_rows(mini, methods, prompts, 50, seed=args.seed, progress=not args.quiet)
         out.append(table + "\n")
         rows = []

@@ -185,15 +185,13 @@ class _DecRecorder(ModelHook):
         return alpha.float(), beta.float()
 
 
-def collect_quant(pipe, quant, cache, calib: Calibration, prompts, steps, n_calls, seed=0, guidance=7.5,
-                  batch_size=4, progress=True, per_call: int = 1024) -> dict:
+def collect_scales(pipe, quant, prompts, steps, n_calls, seed=0, guidance=7.5, batch_size=4, progress=True,
+                   per_call: int = 1024) -> dict:
     """Activation quantizers per layer and call, measured on the uncached float trajectory (so every layer has
-    one at every call and one calibration serves W8A8 with or without the cache): symmetric and range-centred,
-    each from the full range and from CacheQuant's MSE clip search on sampled inputs, then,
-    if asked, the quantization DEC of the layers that consume the cached feature, measured with the cache
-    and the quantized model active. Returns the ``quant.*`` tensors."""
-    from .api import apply
-    from .transforms.quantize import QConv2d, _split_point, mse_scale, range_scale
+    one at every call, one calibration serves W8A8 with or without the cache, and they do not depend on the cache
+    schedule): symmetric and range-centred, each from the full range and from CacheQuant's MSE clip search on
+    sampled inputs. Returns the ``quant.scale_*`` / ``quant.shift.*`` tensors."""
+    from .transforms.quantize import _split_point, mse_scale, range_scale
 
     unet, _ = resolve(pipe)
     layers = quant.selected(unet)
@@ -226,30 +224,45 @@ def collect_quant(pipe, quant, cache, calib: Calibration, prompts, steps, n_call
             raise RuntimeError(f"layer {path} did not run at every UNet call during calibration")
         for k, v in t.items():
             tensors[f"quant.{'shift' if k == 'shift' else 'scale_' + k}.{path}"] = v
-    if quant.correction == "dec" and cache is not None:
-        calib = Calibration(calib.meta, {**calib.tensors, **tensors})
-        q = type(quant)(**{**quant.to_dict_fields(), "correction": None, "mode": "static"})
-        handle = apply(pipe, [cache, q], calibration=calib)
-        clock = handle.clock
-        _, boundary = cached_units(unet, cache.branch)
-        consumers = _consumers(unet, cache.branch)
-        decs = {}
-        try:
-            for path in consumers:
-                qm = q._modules.get(path)  # by path: a LoRA wrapper may sit at the path, the layer is its base layer
-                if isinstance(qm, QConv2d) or hasattr(qm, "weight_q0"):
-                    decs[path] = hooks.attach(qm, _DecRecorder(clock, q._originals[path], n_calls), REC_HOOK, root=unet)
-            batches = _batches(len(prompts), batch_size)
-            for _, _ in _run_batches(pipe, prompts, steps, seed, guidance, batches, range(len(batches)),
-                                  "calibrate quant DEC", progress):
-                pass
-        finally:
-            for path in decs:
-                hooks.detach(q._modules[path], REC_HOOK, root=unet)
-            handle.remove()
-        for path, rec in decs.items():
-            alpha, beta = rec.coefficients()
-            tensors[f"quant.dec_alpha.{path}"], tensors[f"quant.dec_beta.{path}"] = alpha, beta
+    return tensors
+
+
+def _static(quant):
+    """The recipe's quantizer in static mode without quantization DEC: what schedules are fit and DEC is measured with."""
+    return type(quant)(**{**quant.to_dict_fields(), "correction": None, "mode": "static"})
+
+
+def collect_quant_dec(pipe, quant, cache, calib: Calibration, prompts, steps, n_calls, seed=0, guidance=7.5,
+                      batch_size=4, progress=True) -> dict:
+    """CacheQuant's quantization DEC of the layers that consume the cached feature: per call and output channel,
+    the least-squares map from the quantized layer's output to the float layer's on the same input, measured with
+    ``cache`` (the final schedule) and the quantized model active; ``calib`` holds the activation scales. Returns
+    the ``quant.dec_alpha.*`` / ``quant.dec_beta.*`` tensors."""
+    from .api import apply
+    from .transforms.quantize import QConv2d
+
+    unet, _ = resolve(pipe)
+    q = _static(quant)
+    handle = apply(pipe, [cache, q], calibration=calib)
+    clock = handle.clock
+    consumers = _consumers(unet, cache.branch)
+    decs, tensors = {}, {}
+    try:
+        for path in consumers:
+            qm = q._modules.get(path)  # by path: a LoRA wrapper may sit at the path, the layer is its base layer
+            if isinstance(qm, QConv2d) or hasattr(qm, "weight_q0"):
+                decs[path] = hooks.attach(qm, _DecRecorder(clock, q._originals[path], n_calls), REC_HOOK, root=unet)
+        batches = _batches(len(prompts), batch_size)
+        for _, _ in _run_batches(pipe, prompts, steps, seed, guidance, batches, range(len(batches)),
+                              "calibrate quant DEC", progress):
+            pass
+    finally:
+        for path in decs:
+            hooks.detach(q._modules[path], REC_HOOK, root=unet)
+        handle.remove()
+    for path, rec in decs.items():
+        alpha, beta = rec.coefficients()
+        tensors[f"quant.dec_alpha.{path}"], tensors[f"quant.dec_beta.{path}"] = alpha, beta
     return tensors
 
 
@@ -333,7 +346,9 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
     artifact; default :data:`DEFAULT_BUDGET`); a recipe without a cache or a calibrated ``Inherit`` needs none
     (a given one is ignored, with a warning). With a cache and ``refine``, each budget's DP schedule is refined by :func:`refine_schedule` on
     the first ``refine_prompts`` prompts (at most ``refine_evals`` pipeline runs per start); other budgets
-    asked for later get the DP schedule alone."""
+    asked for later get the DP schedule alone. With a ``Quantize`` too, its activation scales are measured first and
+    the schedule (or the adaptive threshold) is fit with the quantized model running: on the miniature a forecast
+    schedule refined without it lost 1.8 dB once quantized (docs/BENCHMARKS.md)."""
     import diffusers
 
     from accel import miniature
@@ -390,35 +405,43 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
     tensors.update({f"{key}.distance": stats["dist"], f"{key}.mean": m.mean, f"{key}.sq": m.sq, f"{key}.cross": m.cross})
     meta["cache"] = {"branch": branch, "budget": budget, "dp_schedule": full, "constrained": constrained,
                      "group_len": [lo, hi], "dp_cost": cost}
+    quant = _static(quants[0]) if quants else None
+    if quant is not None:  # the scales do not depend on the schedule: measured first, so that it is fit with them
+        qt = collect_scales(pipe, quant, prompts, steps, n, seed, guidance, batch_size, progress)
+        tensors.update(qt)
+        meta["quant"] = {"layers": sum(k.startswith("quant.shift.") for k in qt)}
     if cache is not None and cache.schedule == "adaptive":
         meta["cache"]["adaptive"] = [calibrate_threshold(pipe, cache, Calibration(meta, tensors), budgets,
-                                                         prompts[:refine_prompts], steps, seed, guidance, progress)]
+                                                         prompts[:refine_prompts], steps, seed, guidance, progress,
+                                                         quant=quant)]
     elif refine and cache is not None:
         meta["cache"]["refined"] = {}
         ref_prompts = prompts[:refine_prompts]
         for k in budgets:
             calib = Calibration(meta, tensors)
             dp = calib.cache(branch, k).dp_calls(k)
-            r = refine_schedule(pipe, cache, calib, dp, ref_prompts, steps, seed, guidance, refine_evals, progress)
+            r = refine_schedule(pipe, cache, calib, dp, ref_prompts, steps, seed, guidance, refine_evals, progress,
+                                quant=quant)
             tensors[refined_key(branch, k, cache.prediction)] = torch.tensor(r.pop("schedule"), dtype=torch.int64)
             meta["cache"]["refined"][refined_name(k, cache.prediction)] = r
-    full = Calibration(meta, tensors).cache(branch, budget).full_calls(n, budget)
+    full = Calibration(meta, tensors).cache(branch, budget).full_calls(n, budget, cache.prediction if cache else None)
     a, b = coefficients(m, full)
     tensors.update({f"{key}.schedule": torch.tensor(full, dtype=torch.int64), f"{key}.dec_a": a, f"{key}.dec_b": b})
     meta["cache"]["schedule"] = full
-    if quants:
-        calib = Calibration(meta, tensors)
-        qt = collect_quant(pipe, quants[0], cache, calib, prompts, steps, n, seed, guidance, batch_size, progress)
-        tensors.update(qt)
-        meta["quant"] = {"layers": sum(k.startswith("quant.shift.") for k in qt),
-                         "dec_layers": sorted(k[len("quant.dec_alpha."):] for k in qt if k.startswith("quant.dec_alpha."))}
+    if quant is not None:
+        dec = {}
+        if quants[0].correction == "dec" and cache is not None:
+            dec = collect_quant_dec(pipe, quant, cache, Calibration(meta, tensors), prompts, steps, n, seed, guidance,
+                                    batch_size, progress)
+            tensors.update(dec)
+        meta["quant"]["dec_layers"] = sorted(k[len("quant.dec_alpha."):] for k in dec if k.startswith("quant.dec_alpha."))
     meta["seconds"] = round(time.time() - t0, 2)
     return Calibration(meta, tensors)
 
 
 def calibrate_threshold(pipe, cache: FeatureCache, calib: Calibration, budgets: list[int], prompts: list[str], steps: int,
                         seed: int, guidance: float, progress: bool = True, iterations: int = 10,
-                        bounds: tuple[float, float] = (1e-3, 1.0)) -> dict:
+                        bounds: tuple[float, float] = (1e-3, 1.0), quant=None) -> dict:
     """The probe threshold of ``FeatureCache(schedule="adaptive")`` that spends each budget.
 
     For a threshold, the pipeline runs each of ``prompts`` (the refinement's share of the calibration prompts) alone (image i with seed ``seed + i``; alone,
@@ -436,9 +459,9 @@ def calibrate_threshold(pipe, cache: FeatureCache, calib: Calibration, budgets: 
 
     def mean_full(tau: float) -> float:
         if tau not in spent:
-            handle = apply(pipe, FeatureCache(schedule="adaptive", threshold=tau, branch=cache.branch, forecast=cache.forecast,
-                                              trust=cache.trust, max_cached=cache.max_cached, correction=cache.correction),
-                           calibration=calib)
+            fc = FeatureCache(schedule="adaptive", threshold=tau, branch=cache.branch, forecast=cache.forecast,
+                              trust=cache.trust, max_cached=cache.max_cached, correction=cache.correction)
+            handle = apply(pipe, fc if quant is None else [quant, fc], calibration=calib)
             try:
                 for _ in _run_batches(pipe, prompts, steps, seed, guidance, batches, range(len(batches)), "", False):
                     pass
@@ -467,12 +490,13 @@ def calibrate_threshold(pipe, cache: FeatureCache, calib: Calibration, budgets: 
     finally:
         bar.close()
     return {"forecast": cache.prediction, "max_cached": cache.max_cached, "correction": cache.correction,
+            "quantized": quant is not None,
             "thresholds": thresholds, "full_calls": full, "prompts": len(prompts), "runs": len(spent) * len(prompts),
             "seconds": round(time.time() - t0, 2)}
 
 
 def refine_schedule(pipe, cache: FeatureCache, calib: Calibration, start: list[int], prompts: list[str], steps: int,
-                    seed: int, guidance: float, max_evals: int = 60, progress: bool = True) -> dict:
+                    seed: int, guidance: float, max_evals: int = 60, progress: bool = True, quant=None) -> dict:
     """Refine a cache schedule on what it is for: the error of the final sample.
 
     The DP (CacheQuant's DPS) minimises a proxy, the summed feature distance of each cached call to its group's
@@ -480,7 +504,8 @@ def refine_schedule(pipe, cache: FeatureCache, calib: Calibration, start: list[i
     last few moves the final sample an order of magnitude more than one mid-sampling (nothing after it corrects
     the error; ``notebooks/cache_schedules.ipynb`` measures it), and the DP's schedule lost to the uniform one
     at 11 and 8 full calls of 51. This runs the pipeline with
-    the recipe's cache (its branch and correction) on ``prompts`` (image i with seed ``seed + i``, the
+    the recipe's cache (its branch, forecast and correction; with ``quant``, the recipe's static quantizer without
+    quantization DEC, its activation scales in ``calib``: the schedule is fit on the model that will run) on ``prompts`` (image i with seed ``seed + i``, the
     calibration seeds) and moves full calls one at a time while the final latents get closer to the
     uncached ones (:func:`accel.schedules.refine`). The objective is the mean over images of
     ``10 log10 MSE(latent, uncached latent)`` (dB, lower is better): a latent-space negative PSNR. ``dp_error_db``
@@ -501,8 +526,9 @@ def refine_schedule(pipe, cache: FeatureCache, calib: Calibration, start: list[i
     def error_db(full):
         key = tuple(full)
         if key not in measured:
-            handle = apply(pipe, FeatureCache(schedule=list(full), branch=cache.branch, correction=cache.correction,
-                                              forecast=cache.forecast, trust=cache.trust), calibration=calib)
+            fc = FeatureCache(schedule=list(full), branch=cache.branch, correction=cache.correction,
+                              forecast=cache.forecast, trust=cache.trust)
+            handle = apply(pipe, fc if quant is None else [quant, fc], calibration=calib)
             try:
                 d = latents() - base
             finally:
@@ -527,4 +553,5 @@ def refine_schedule(pipe, cache: FeatureCache, calib: Calibration, start: list[i
     best = min(found, key=lambda k: found[k][1])
     full, db, _ = found[best]
     return {"schedule": full, "dp": list(start), "dp_error_db": round(error_db(start), 3), "error_db": round(db, 3),
-            "from": best, "evals": len(measured), "prompts": len(prompts), "seconds": round(time.time() - t0, 2)}
+            "from": best, "evals": len(measured), "prompts": len(prompts), "quantized": quant is not None,
+            "seconds": round(time.time() - t0, 2)}

@@ -337,7 +337,8 @@ def cmd_calibrate(args):
             print(f"DP schedule (branch {c['branch']}, {c['budget']} full calls): {c['dp_schedule']}")
             for name, r in c.get("refined", {}).items():
                 forecast, _, k = name.rpartition(".")
-                print(f"refined schedule, {k} full calls{' (forecast ' + forecast + ')' if forecast else ''}: "
+                how = [f"forecast {forecast}"] * bool(forecast) + ["W8A8 running"] * bool(r.get("quantized"))
+                print(f"refined schedule, {k} full calls{' (' + ', '.join(how) + ')' if how else ''}: "
                       f"{calib.cache(c['branch']).full_calls(None, int(k), forecast or None)} "
                       f"(final-latent error {r['dp_error_db']:+.2f} dB -> {r['error_db']:+.2f} dB, {r['evals']} runs, "
                       f"{r['seconds']:.0f} s)")

@@ -97,7 +97,8 @@ def test_static_needs_calibration_and_composes(tokenizer_dir, tmp_path):
         accel.apply(pipe, accel.Quantize(mode="static"))
     prompts = ["a red circle", "a blue square", "a green cross", "a small yellow triangle"]
     cal = calibrate(pipe, "cachequant-w8a8", prompts, steps=8, budget=3, batch_size=2, progress=False)
-    assert cal.meta["quant"]["dec_layers"] == ["up_blocks.3.resnets.2.conv1", "up_blocks.3.resnets.2.conv_shortcut"]
+    assert cal.meta["quant"]["dec_layers"] == []  # the recipe has no quantization DEC (measured not to help)
+    assert cal.meta["cache"]["refined"]["taylor1+skill.3"]["quantized"]
     cal.save(tmp_path / "c")
     base = pipe(**pipe_inputs("sd", steps=8)).images
     with accel.apply(pipe, "cachequant-w8a8", calibration=tmp_path / "c") as h:
@@ -109,6 +110,42 @@ def test_static_needs_calibration_and_composes(tokenizer_dir, tmp_path):
     assert torch.equal(pipe(**pipe_inputs("sd", steps=8)).images, base)
     with accel.apply(pipe, "w8a8", calibration=tmp_path / "c"):  # static scales from the same calibration
         assert torch.isfinite(pipe(**pipe_inputs("sd", steps=8)).images).all()
+
+
+def test_cache_schedule_is_fit_with_the_quantizer_running(tokenizer_dir):
+    """cachequant-w8a8: the activation scales come first, then the refinement measures each schedule with the
+    quantized model running (its stored DP error is what [Quantize, FeatureCache] on the DP schedule gives, not
+    what the float model with the cache gives); the quantization DEC, when a recipe asks for it, is measured on
+    the final schedule."""
+    pipe = make_pipe("sd", tokenizer_dir, scheduler="DDIMScheduler")
+    prompts, steps, guidance = ["a red circle", "a blue square"], 8, 7.5
+    cal = calibrate(pipe, "cachequant-w8a8", prompts, steps=steps, budget=3, batch_size=2, refine_evals=4,
+                    progress=False)
+    rec = cal.meta["cache"]["refined"]["taylor1+skill.3"]
+    assert rec["quantized"] and rec["prompts"] == 2
+    assert cal.meta["cache"]["schedule"] == cal.tensors["cache.b0.refined.taylor1+skill.3"].tolist()  # what runs
+
+    def error_db(transforms):
+        def latents():
+            return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                        generator=[torch.Generator().manual_seed(i) for i in range(2)]).images.double()
+        base = latents()
+        with accel.apply(pipe, transforms, calibration=cal):
+            d = latents() - base
+        return (10 * torch.log10((d ** 2).flatten(1).mean(1).clamp_min(1e-30))).mean().item()
+
+    fc = lambda: accel.FeatureCache(schedule=rec["dp"], forecast="taylor1", trust="skill")
+    quantized = error_db([accel.Quantize(mode="static", exclude=["conv_in", "conv_out"]), fc()])
+    assert rec["dp_error_db"] == pytest.approx(quantized, abs=1e-3)
+    assert abs(error_db(fc()) - quantized) > 0.1  # the float model with the cache scores differently
+    assert rec["error_db"] <= rec["dp_error_db"]
+    paper = accel.Recipe("paper", [accel.Quantize(mode="static", correction="dec"),
+                                   accel.FeatureCache(schedule="calibrated", correction="dec")])
+    cal = calibrate(pipe, paper, prompts, steps=steps, budget=3, batch_size=2, refine_evals=2, progress=False)
+    assert cal.meta["cache"]["refined"]["3"]["quantized"]
+    assert cal.meta["quant"]["dec_layers"] == ["up_blocks.3.resnets.2.conv1", "up_blocks.3.resnets.2.conv_shortcut"]
+    with accel.apply(pipe, paper, calibration=cal):
+        assert torch.isfinite(pipe(**pipe_inputs("sd", steps=steps)).images).all()
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv", "conv_split", "conv_stride2"])
