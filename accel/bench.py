@@ -196,8 +196,9 @@ def time_methods(pipe, methods: list[Method], steps: int, latent: int, repeats: 
                     pipe(prompt, **kw, generator=torch.Generator().manual_seed(0))
                     times[m.name].append(time.perf_counter() - t0)
                     handle = getattr(undo, "__self__", None)  # accel methods undo with Handle.remove
-                    if hasattr(handle, "stats"):
-                        m.spent.append(handle.stats()["per_pipeline_call"][-1]["full"])
+                    calls = handle.stats().get("per_pipeline_call") if hasattr(handle, "stats") else None
+                    if calls:  # a cache's handle: the full calls this pipeline call spent (others have no cache)
+                        m.spent.append(calls[-1]["full"])
                 finally:
                     undo()
                 bar.update(1)

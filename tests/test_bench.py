@@ -78,3 +78,21 @@ def test_flop_counter_counts_quantized_layers_as_their_float_layers(tokenizer_di
     both = with_calibration("cache + w8a8", [accel.FeatureCache(schedule=[0]), accel.Quantize(mode="dynamic")], None)
     cache = with_calibration("cache", accel.FeatureCache(schedule=[0]), None)
     assert pipeline_flops(pipe, both, 3, 8) == pipeline_flops(pipe, cache, 3, 8) < base
+
+
+def test_timing_reads_full_calls_from_caches_and_runs_every_other_method(tokenizer_dir):
+    """The speed table's timer records what a cache spent (an adaptive one decides per call) and times methods
+    whose handle has no per-call cache statistics (inheritance, W8A8) as well."""
+    import accel
+    from accel.bench import accel_cache, baseline, time_methods, with_calibration
+
+    from conftest import make_pipe
+
+    pipe = make_pipe("sd", tokenizer_dir, scheduler="DDIMScheduler")
+    methods = [baseline(), accel_cache(2, 0),
+               with_calibration("inherit", accel.Inherit(targets="mid_block", every=2), None),
+               with_calibration("adaptive", accel.FeatureCache(schedule="adaptive", threshold=0.5), None)]
+    times = time_methods(pipe, methods, 6, 8, repeats=2, progress=False)
+    assert all(len(t) == 2 and min(t) > 0 for t in times.values())
+    assert methods[1].spent == [3, 3] and methods[2].spent == [] and methods[0].spent == []
+    assert len(methods[3].spent) == 2 and all(1 <= k <= 6 for k in methods[3].spent)
