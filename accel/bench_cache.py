@@ -281,11 +281,14 @@ def section(args, scorer=None) -> str:
              "UNet when any of its samples needs it), so the calls they actually spent are the x-axis. PSNR of the "
              f"final images against the uncached ones of the same seeds (held-out prompts, seeds {args.seed}..), "
              "\"flipped\": the judged shape or colour differs from the uncached image's; \"fit PSNR\": the calibrated "
-             "modes on the 4 prompts their schedule/threshold was fit on. Iso-fidelity ratio: the full calls the "
+             f"modes on the {args.curve_refine_prompts} prompts their schedule/threshold was fit on. Iso-fidelity ratio: the full calls the "
              "uniform schedule needs for the same mean PSNR (interpolated) over the calls the mode spent.\n"]
+    samplers = args.curve_samplers.split(",")
     for sched, steps in SETTINGS:
+        if sched not in samplers:
+            continue
         c = measure(sched, steps, args.num_prompts, args.seed, refine_evals=args.curve_refine_evals,
-                    progress=not args.quiet, scorer=scorer)
+                    refine_prompts=args.curve_refine_prompts, progress=not args.quiet, scorer=scorer)
         parts.append(markdown(c))
     if not args.quick:
         parts.append(speed(args))

@@ -72,6 +72,25 @@ def _sections(text: str) -> str:
     return ",".join(names)
 
 
+CURVE_SAMPLERS = ("PNDMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler")  # bench_cache.SETTINGS
+
+
+def _samplers(text: str) -> str:
+    names = [s.strip() for s in text.split(",")]
+    unknown = [s for s in names if s not in CURVE_SAMPLERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown sampler(s) {', '.join(map(repr, unknown))}; valid: "
+                                         f"{','.join(CURVE_SAMPLERS)}")
+    return ",".join(names)
+
+
+def _refine_prompts(text: str) -> int:
+    n = _int_at_least(1)(text)
+    if n > 8:
+        raise argparse.ArgumentTypeError(f"{n}: the curves' calibrations use 8 prompts, refine on at most 8")
+    return n
+
+
 # ----------------------------------------------------------------------------------- checks before the work
 def _threads(n: int | None):
     import torch
@@ -447,6 +466,12 @@ def _bench_parser(sub):
                    "mode's fidelity against full calls for three samplers, about 1.5 hours: `make bench-cache`)")
     p.add_argument("--curve-refine-evals", type=_int_at_least(1), default=40,
                    help="curves section: refinement runs per start and budget in its calibrations (default 40)")
+    p.add_argument("--curve-refine-prompts", type=_refine_prompts, default=4,
+                   help="curves section: calibration prompts the schedules and thresholds are refined on (default 4, "
+                   "as `accel calibrate`; at most its 8)")
+    p.add_argument("--curve-samplers", type=_samplers, default=",".join(CURVE_SAMPLERS),
+                   help=f"curves section: the sampler settings to measure (default all: {','.join(CURVE_SAMPLERS)}: "
+                   "50-step PNDM, 25-step DPM-Solver++, 30-step Euler)")
     p.add_argument("--intervals", type=_int_list, default=[3, 5],
                    help="cache intervals of the speed and cost tables (default 3,5)")
     p.add_argument("--repeats", type=_int_at_least(1), default=3,

@@ -401,6 +401,8 @@ def test_eval_report_records_the_calibration(capsys, calib_dir, tmp_path):
     (["--intervals", "0,3", "--out", "{tmp}/B.md"], "--intervals"),
     (["--repeats", "0", "--out", "{tmp}/B.md"], "--repeats"),
     (["--out", "{tmp}"], "is a folder"),
+    (["--sections", "curves", "--curve-samplers", "DPMSolver", "--out", "{tmp}/B.md"], "unknown sampler"),
+    (["--sections", "curves", "--curve-refine-prompts", "9", "--out", "{tmp}/B.md"], "at most 8"),
 ])
 def test_bench_bad_arguments(capsys, no_work, tmp_path, args, needle):
     rc, _, err = cli(capsys, "bench", *[a.format(tmp=tmp_path) for a in args])
@@ -428,6 +430,14 @@ def test_bench_sections_are_the_ones_bench_runs():
     for group in re.findall(r"sections & \{([^}]*)\}", src):
         used |= set(re.findall(r'"(\w+)"', group))
     assert used == set(BENCH_SECTIONS)
+
+
+def test_curve_samplers_are_the_ones_the_curves_section_measures():
+    """cli.CURVE_SAMPLERS (what --curve-samplers accepts, without importing torch) is bench_cache.SETTINGS."""
+    from accel.bench_cache import SETTINGS
+    from accel.cli import CURVE_SAMPLERS
+
+    assert CURVE_SAMPLERS == tuple(s for s, _ in SETTINGS)
 
 
 def test_help_describes_every_option(capsys):
