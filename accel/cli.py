@@ -63,25 +63,20 @@ def _int_list(text: str) -> list[int]:
     return [parse(x) for x in text.split(",")]
 
 
-def _sections(text: str) -> str:
-    names = [s.strip() for s in text.split(",")]
-    unknown = [s for s in names if s not in BENCH_SECTIONS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(map(repr, unknown))}; valid: "
-                                         f"{','.join(BENCH_SECTIONS)}")
-    return ",".join(names)
+def _names(valid: tuple, what: str):
+    """A comma-separated list of names out of ``valid`` (argparse type); an unknown one is a one-line error."""
+    def parse(text: str) -> str:
+        names = [s.strip() for s in text.split(",")]
+        unknown = [s for s in names if s not in valid]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what}(s) {', '.join(map(repr, unknown))}; valid: "
+                                             f"{','.join(valid)}")
+        return ",".join(names)
+    return parse
 
 
 CURVE_SAMPLERS = ("PNDMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler")  # bench_cache.SETTINGS
-
-
-def _samplers(text: str) -> str:
-    names = [s.strip() for s in text.split(",")]
-    unknown = [s for s in names if s not in CURVE_SAMPLERS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown sampler(s) {', '.join(map(repr, unknown))}; valid: "
-                                         f"{','.join(CURVE_SAMPLERS)}")
-    return ",".join(names)
+_sections, _samplers = _names(BENCH_SECTIONS, "section"), _names(CURVE_SAMPLERS, "sampler")
 
 
 def _refine_prompts(text: str) -> int:
