@@ -138,7 +138,7 @@ def measure(scheduler: str, steps: int, num_prompts: int = 32, seed: int = 0, in
 
     import accel
     from accel import miniature
-    from accel.calibrate import calibrate
+    from accel.calibrate import DEFAULT_PROMPTS, calibrate
     from accel.eval import CLIPScorer, psnr, ssim
     from accel.eval.judge import flips
     from accel.miniature import GUIDANCE, parse_caption
@@ -160,7 +160,7 @@ def measure(scheduler: str, steps: int, num_prompts: int = 32, seed: int = 0, in
     calib = _merge(calibs)
     out = Curves(scheduler, steps, n, num_prompts, calibration_s=time.time() - t0, budgets=budgets)
     held = miniature.prompts(num_prompts, seed=seed)
-    fit = miniature.prompts(8, seed=0, split="train")[:refine_prompts]  # what calibrate refined on, seeds 0..
+    fit = miniature.prompts(DEFAULT_PROMPTS, seed=0, split="train")[:refine_prompts]  # what calibrate refined on
     attrs = [parse_caption(p) for p in held]
     base, fit_base = _generate(pipe, held, steps, GUIDANCE, seed), _generate(pipe, fit, steps, GUIDANCE, 0)
     jobs = [(i, k, name, t) for i, k in zip(list(REFERENCE_ONLY) + list(intervals), ref_budgets + budgets)
@@ -281,8 +281,9 @@ def section(args, scorer=None) -> str:
              "UNet when any of its samples needs it), so the calls they actually spent are the x-axis. PSNR of the "
              f"final images against the uncached ones of the same seeds (held-out prompts, seeds {args.seed}..), "
              "\"flipped\": the judged shape or colour differs from the uncached image's; \"fit PSNR\": the calibrated "
-             f"modes on the {args.curve_refine_prompts} prompts their schedule/threshold was fit on. Iso-fidelity ratio: the full calls the "
-             "uniform schedule needs for the same mean PSNR (interpolated) over the calls the mode spent.\n"]
+             f"modes on the {args.curve_refine_prompts} prompts their schedule/threshold was fit on. Iso-fidelity "
+             "ratio: the full calls the uniform schedule needs for the same mean PSNR (interpolated) over the calls "
+             "the mode spent.\n"]
     samplers = args.curve_samplers.split(",")
     for sched, steps in SETTINGS:
         if sched not in samplers:

@@ -279,6 +279,7 @@ def _consumers(unet, branch: int) -> list[str]:
 
 
 DEFAULT_BUDGET = 10  # full UNet calls per pipeline call when no budget is given
+DEFAULT_PROMPTS = 8  # calibration prompts (the miniature's train stream) when none are given
 
 
 def unet_calls(pipe, steps: int) -> int:
@@ -360,7 +361,7 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
     caches = [t for t in r.transforms if isinstance(t, FeatureCache)]
     quants = [t for t in r.transforms if isinstance(t, Quantize)]
     inherits = [t for t in r.transforms if isinstance(t, Inherit) and t.schedule == "calibrated"]
-    prompts = prompts if prompts is not None else miniature.prompts(8, seed=seed, split="train")
+    prompts = prompts if prompts is not None else miniature.prompts(DEFAULT_PROMPTS, seed=seed, split="train")
     unet, pipe = resolve(pipe)
     if pipe is None:
         raise ValueError("calibration needs the pipeline (it runs it), not a bare UNet")

@@ -80,9 +80,12 @@ _sections, _samplers = _names(BENCH_SECTIONS, "section"), _names(CURVE_SAMPLERS,
 
 
 def _refine_prompts(text: str) -> int:
+    from accel.calibrate import DEFAULT_PROMPTS  # only when the option is given: the bench imports it anyway
+
     n = _int_at_least(1)(text)
-    if n > 8:
-        raise argparse.ArgumentTypeError(f"{n}: the curves' calibrations use 8 prompts, refine on at most 8")
+    if n > DEFAULT_PROMPTS:
+        raise argparse.ArgumentTypeError(f"{n}: the curves' calibrations use {DEFAULT_PROMPTS} prompts, refine on at "
+                                         f"most {DEFAULT_PROMPTS}")
     return n
 
 
@@ -321,7 +324,7 @@ def cmd_eval(args):
 
 
 def cmd_calibrate(args):
-    from accel.calibrate import calibrate, check_recipe
+    from accel.calibrate import DEFAULT_PROMPTS, calibrate, check_recipe
     from accel.calibration import check_destination
     from accel.dist import state
     from accel.eval.runner import load_prompts
@@ -331,7 +334,8 @@ def cmd_calibrate(args):
     if args.prompts is None:
         from accel import miniature
 
-        prompts = miniature.prompts(8 if args.num_prompts is None else args.num_prompts, seed=args.seed, split="train")
+        prompts = miniature.prompts(DEFAULT_PROMPTS if args.num_prompts is None else args.num_prompts, seed=args.seed,
+                                    split="train")
         source = "miniature grammar (train stream)"
     else:
         prompts = load_prompts(args.prompts, args.num_prompts, seed=args.seed)
