@@ -6,8 +6,10 @@ Three sections, each a function below:
     integer-valued inputs) and the float epilogue's largest difference.
 (b) :func:`layer_throughput`: the int8 kernels on the real Linear/Conv2d shapes of the SD 1.5 UNet at 512 px and
     the SDXL UNet at 1024 px (batch 2: classifier-free guidance), recorded by hooks on one forward, each shape
-    timed as a static W8A8 layer (one fused kernel) against fp16 cuBLAS/cuDNN (``F.linear``, ``F.conv2d``,
-    channels_last) and ``torch._int_mm`` (cuBLAS int8 GEMM alone, no quantization or epilogue).
+    timed as a static W8A8 layer (quantize kernel + int8 GEMM/conv) against fp16 cuBLAS/cuDNN (``F.linear``,
+    ``F.conv2d``, channels_last), eager and replayed from a CUDA graph (the GPU's time without the host's launch
+    overhead), with the quantization fused into the kernel's A load (graph) and ``torch._int_mm`` (cuBLAS int8
+    GEMM alone, no quantization or epilogue; graph).
 (c) :func:`end_to_end`: SD 1.5 and SDXL architectures (random weights, fp16, channels_last, one prompt with CFG,
     50 steps): fp16, fp16 + compile, cache I=5, W8A8, W8A8 + compile, cachequant-w8a8 (one calibration, made
     here with one prompt and the same step count), seconds per image, speed-up and peak memory.
@@ -17,27 +19,32 @@ same functions on CPU with tiny UNets, few steps and the reference backend (a te
 numbers of tiny models and say so), so the GPU run is the code that CI exercised.
 
 Running it on a machine that has PyTorch and Triton but not diffusers (this workplace's GPU machines; see
-``/work/.library/device/README.md`` there): carry diffusers and the one dependency it lacks as wheels, install
-this checkout without dependencies, then run::
+``/work/.library/device/README.md`` there): carry diffusers as a wheel and lay this checkout out as installed
+(``pyproject.toml`` maps ``kernels/``, ``eval/``, ``recipes/`` into the package; copying needs no setuptools)::
 
     echo /.whl/ >> .git/info/exclude      # once, here
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
-    # on the GPU machine (carry .whl):
+        --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1
+    # on the GPU machine (carry .whl), from the checkout:
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
-    make bench-gpu PY=python3 STAMP=       # = python3 -m accel bench --gpu --out docs/GPU_BENCHMARKS.md
+    mkdir -p /tmp/pkg/accel && cp -r accel/. /tmp/pkg/accel/ && cp -r kernels /tmp/pkg/accel/kernels \\
+        && cp -r eval /tmp/pkg/accel/eval && cp -r recipes /tmp/pkg/accel/recipes
+    export PYTHONPATH=/tmp/pkg:/tmp/site HF_HUB_OFFLINE=1; cd /tmp
+    python3 -m accel bench --gpu --out $OUT/GPU_BENCHMARKS.md   # = make bench-gpu, report written as it goes
 
+(That ran on an H200 on 2026-11-26: 435 s for section (a) and SD 1.5 with ``--gpu-budget-s 470``; SDXL needs a run
+of its own, ``--gpu-models sdxl``.)
 (transformers, huggingface_hub >= 1.32, safetensors >= 0.8, regex, requests, Pillow, numpy and tqdm are in that
-image.) Write ``$OUT``-side copies of ``docs/GPU_BENCHMARKS.md`` to bring the report back.
+image; Python 3.12 needs no importlib_metadata.)
 """
 from __future__ import annotations
 
 import platform
 import statistics
+import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -64,7 +71,11 @@ TINY_SDXL = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=
                  projection_class_embeddings_input_dim=40, norm_num_groups=4)
 
 
-COMPILE_RESERVE_S = 180  # what an end-to-end row with torch.compile needs at least (inductor on a UNet)
+# what is left of the run's time budget for a part to be started (a part that would overrun is reported "not run")
+COMPILE_RESERVE_S = 180  # an end-to-end row with torch.compile (inductor on a UNet)
+ROW_RESERVE_S = 30  # any other end-to-end row
+LAYER_RESERVE_S = 60  # section (b) of one model
+E2E_RESERVE_S = 90  # section (c) of one model: its calibration and first rows
 
 
 @dataclass
@@ -92,6 +103,7 @@ class Plan:
     budget_full_calls: int  # cachequant-w8a8's full UNet calls
     compile_backend: str
     time_budget_s: float
+    kernel_dtypes: tuple = (torch.float32,)  # activation dtypes of section (a)'s GEMMs
     dry_run: bool = False
     started: float = field(default_factory=time.perf_counter)
 
@@ -108,7 +120,7 @@ def gpu_plan(models=("sd15", "sdxl"), steps: int = 50, time_budget_s: float = 54
              "sdxl": Model("SDXL (1024 px)", "sdxl", SDXL_UNET, (768, 1280), 1024)}
     return Plan("cuda", torch.float16, [table[m] for m in models], steps, kernel_m=4096, kernel_c=320, inner=10,
                 repeats=5, e2e_repeats=2, budget_full_calls=20, compile_backend="inductor",
-                time_budget_s=time_budget_s)
+                time_budget_s=time_budget_s, kernel_dtypes=(torch.float16, torch.bfloat16))
 
 
 def dry_plan() -> Plan:
@@ -261,7 +273,7 @@ def kernel_checks(plan: Plan) -> tuple[str, bool]:
     rows.append(("GEMM, int8 A (per-row scales, asymmetric W)", f"{a.shape[0]}x{w.shape[0]}x{c}", exact,
                  rel(yt, ref.w8a8_gemm(a, w, sa, sw, None, 0, wz))))
     # static (fused) and dynamic GEMMs
-    for dtype in (torch.float16, torch.bfloat16) if dev == "cuda" else (torch.float32,):
+    for dtype in plan.kernel_dtypes:
         x = _skewed((m + 3, c), dtype, dev, g)
         lw, lws, lwz, _, lsum = int8_layer(2 * c + 8, c, None, dev)
         b = torch.randn(lw.shape[0], generator=g).to(dev, dtype)
@@ -279,7 +291,7 @@ def kernel_checks(plan: Plan) -> tuple[str, bool]:
     side = max(4, int((m / 2) ** 0.5))
     for label, cin, kk, stride, pad in [("3x3", c, 3, 1, 1), ("3x3 stride 2", c, 3, 2, 1), ("1x1", c, 1, 1, 0),
                                         ("3x3, 4 channels (conv_in)", 4, 3, 1, 1)]:
-        dtype = torch.float16 if dev == "cuda" else torch.float32
+        dtype = plan.dtype
         x = _skewed((2, cin, side, side), dtype, dev, g).contiguous(memory_format=torch.channels_last)
         cw, cws, cwz, ctap, csum = int8_layer(c + 8, cin, kk, dev)
         b = torch.randn(cw.shape[0], generator=g).to(dev, dtype)
@@ -363,8 +375,43 @@ def layer_shapes(model: Model, pipe) -> dict:
     return counts
 
 
+def graph_time(fn: Callable, plan: Plan, n: int = 20) -> float | None:
+    """Seconds per call of ``fn`` replayed from a CUDA graph: the GPU's time alone, without the host's launch
+    overhead (None off CUDA, or when ``fn`` cannot be captured)."""
+    if plan.device != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (autotuning) outside the capture
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(n):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(plan.repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / n)
+        return statistics.median(times)
+    except Exception:  # noqa: BLE001 -- reported as "—"; the traceback goes to stderr
+        traceback.print_exc(file=sys.stderr)
+        return None
+
+
 def time_layer(s: LayerShape, plan: Plan) -> dict:
-    """Seconds per call of one layer shape: the static W8A8 op, fp16 cuBLAS/cuDNN, and ``torch._int_mm``."""
+    """Seconds per call of one layer shape: fp16 cuBLAS/cuDNN and the static W8A8 op eager (host launch overhead
+    included) and replayed from a CUDA graph (GPU time); the W8A8 op with the quantization fused into the kernel's
+    A load (graph); ``torch._int_mm`` alone (graph)."""
     from . import kernels
 
     dev, dt = plan.device, plan.dtype
@@ -376,44 +423,67 @@ def time_layer(s: LayerShape, plan: Plan) -> dict:
         w, ws, wz, _, wsum = int8_layer(s.out, s.x[1], None, dev)
         wf, b = torch.randn(s.out, s.x[1], generator=g).to(dev, dt) / 30, torch.zeros(s.out, device=dev, dtype=dt)
         qt = _table(x)
-        out["int8"] = timeit(lambda: kernels.linear(x, w, ws, wz, b, wsum, qt, step, plan.backend), plan)
-        out["fp16"] = timeit(lambda: F.linear(x, wf, b), plan)
+        int8 = lambda: kernels.linear(x, w, ws, wz, b, wsum, qt, step, plan.backend)  # noqa: E731
+        fp16 = lambda: F.linear(x, wf, b)  # noqa: E731
         if dev == "cuda" and s.x[0] > 16 and s.x[1] % 8 == 0 and s.out % 8 == 0:
             a8, wt = torch.randint(-127, 128, s.x, dtype=torch.int8, device=dev), w.t()
-            try:
-                out["int_mm"] = timeit(lambda: torch._int_mm(a8, wt), plan)
-            except RuntimeError:
-                pass
+            out["int_mm"] = graph_time(lambda: torch._int_mm(a8, wt), plan)
     else:
         x = _skewed(s.x, dt, dev, g).contiguous(memory_format=torch.channels_last)
         w, ws, wz, tap, wsum = int8_layer(s.out, s.x[1], s.k, dev)
         wf = (torch.randn(s.out, s.x[1], s.k, s.k, generator=g) / 30).to(dev, dt).contiguous(memory_format=torch.channels_last)
         b = torch.zeros(s.out, device=dev, dtype=dt)
         qt = _table(x)
-        out["int8"] = timeit(lambda: kernels.conv2d(x, w, ws, qt, wz, b, wsum, tap, step, None, s.stride, s.padding,
-                                                    plan.backend), plan)
-        out["fp16"] = timeit(lambda: F.conv2d(x, wf, b, s.stride, s.padding), plan)
+        int8 = lambda: kernels.conv2d(x, w, ws, qt, wz, b, wsum, tap, step, None, s.stride, s.padding,  # noqa: E731
+                                      plan.backend)
+        fp16 = lambda: F.conv2d(x, wf, b, s.stride, s.padding)  # noqa: E731
+    out["int8"], out["int8_graph"] = timeit(int8, plan), graph_time(int8, plan)
+    out["fp16"], out["fp16_graph"] = timeit(fp16, plan), graph_time(fp16, plan)
+    if plan.backend == "triton":
+        tk = kernels.triton_module()
+        fused, tk.FUSE_STATIC_QUANT = tk.FUSE_STATIC_QUANT, True
+        try:
+            out["fused_graph"] = graph_time(int8, plan)
+        finally:
+            tk.FUSE_STATIC_QUANT = fused
     return out
 
 
 def layer_throughput(plan: Plan, model: Model, pipe) -> str:
     counts = layer_shapes(model, pipe)
-    rows, tot = [], {"int8": 0.0, "fp16": 0.0}
+    rows, tot = [], {"int8": 0.0, "fp16": 0.0, "int8_graph": 0.0, "fp16_graph": 0.0}
     float_name = "fp16 cuBLAS/cuDNN" if plan.device == "cuda" else f"{str(plan.dtype)[6:]} torch (CPU)"
-    for s, n in sorted(counts.items(), key=lambda kv: -kv[0].macs * kv[1]):
+    ordered = sorted(counts.items(), key=lambda kv: -kv[0].macs * kv[1])
+    timed = 0
+    for i, (s, n) in enumerate(ordered):
+        if plan.left() < 0:
+            rows.append(f"| {len(ordered) - i} more shapes (the smallest by MACs x calls) | | not timed: time "
+                        "budget | | | | | | |")
+            break
         t = time_layer(s, plan)
-        tot["int8"] += n * t["int8"]
-        tot["fp16"] += n * t["fp16"]
-        tops = lambda sec: f"{2 * s.macs / sec / 1e12:.1f}"  # noqa: E731
-        rows.append(f"| {s.label()} | {n} | {t['fp16'] * 1e6:.0f} ({tops(t['fp16'])}) | "
-                    f"{t['int8'] * 1e6:.0f} ({tops(t['int8'])}) | "
-                    + (f"{t['int_mm'] * 1e6:.0f} ({tops(t['int_mm'])})" if "int_mm" in t else "—")
-                    + f" | {t['fp16'] / t['int8']:.2f}x |")
+        timed += 1
+        for key in tot:
+            tot[key] += n * (t.get(key) or 0.0)
+
+        def cell(key):
+            sec = t.get(key)
+            return "—" if sec is None else f"{sec * 1e6:.0f} ({2 * s.macs / sec / 1e12:.1f})"
+
+        ratio = lambda a, b: "—" if not (t.get(a) and t.get(b)) else f"{t[a] / t[b]:.2f}x"  # noqa: E731
+        rows.append(f"| {s.label()} | {n} | {cell('fp16')} | {cell('int8')} | {cell('fp16_graph')} | "
+                    f"{cell('int8_graph')} | {cell('fused_graph')} | {cell('int_mm')} | {ratio('fp16', 'int8')} / "
+                    f"{ratio('fp16_graph', 'int8_graph')} |")
     head = (f"| layer (batch 2) | calls per UNet call | {float_name} µs (TOPS) | static W8A8 µs (TOPS) | "
-            f"torch._int_mm µs (TOPS) | float / W8A8 |\n|---|---|---|---|---|---|")
-    summary = (f"\nAll Linear/Conv2d calls of one UNet call, weighted by count: {float_name} {tot['fp16'] * 1e3:.1f} ms, "
-               f"static W8A8 {tot['int8'] * 1e3:.1f} ms ({tot['fp16'] / tot['int8']:.2f}x). Split-shortcut convs "
-               "(two int8 halves) are timed whole here.\n")
+            "float, CUDA graph µs | W8A8, CUDA graph µs | W8A8 with the quantization fused into the A load, graph µs | "
+            "torch._int_mm alone, graph µs | float / W8A8 (eager / graph) |\n|---|---|---|---|---|---|---|---|---|")
+    which = "All" if timed == len(ordered) else "The timed shapes' (not all)"
+    graphs = (f"; replayed from CUDA graphs (GPU time alone) {tot['fp16_graph'] * 1e3:.1f} ms vs "
+              f"{tot['int8_graph'] * 1e3:.1f} ms") if tot["int8_graph"] else ""
+    summary = (f"\n{which} Linear/Conv2d calls of one UNet call, weighted by count: {float_name} "
+               f"{tot['fp16'] * 1e3:.1f} ms, static W8A8 {tot['int8'] * 1e3:.1f} ms "
+               f"({tot['fp16'] / max(tot['int8'], 1e-12):.2f}x) eager{graphs}. A static W8A8 layer is two kernels "
+               "(quantize, then the int8 GEMM/conv); eager, each pays the host's launch overhead. Split-shortcut "
+               "convs (two int8 halves) are timed whole here.\n")
     return head + "\n" + "\n".join(rows) + "\n" + summary
 
 
@@ -428,10 +498,42 @@ def _peak(dev) -> str:
     return f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if dev == "cuda" else "n/a"
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _measure(plan: Plan, pipe, call: Callable, transforms, cal, compiled: bool):
+    """One end-to-end row: median seconds per image, first call's seconds, peak memory, UNet weight bytes.
+    ``remove()`` restores the pipeline whatever happens."""
+    import accel
+    from .transforms.quantize import weight_bytes
+
+    handle = accel.apply(pipe, transforms, calibration=cal) if transforms is not None else None
+    unet = pipe.unet
+    try:
+        wbytes = weight_bytes(unet)
+        if compiled:
+            torch._dynamo.reset()
+            pipe.unet = torch.compile(unet, backend=plan.compile_backend)
+        _peak_reset(plan.device)
+        t0 = time.perf_counter()
+        call()
+        first = time.perf_counter() - t0
+        secs = []
+        for _ in range(plan.e2e_repeats):
+            t0 = time.perf_counter()
+            call()
+            secs.append(time.perf_counter() - t0)
+        return statistics.median(secs), first, _peak(plan.device), wbytes
+    finally:
+        pipe.unet = unet
+        if handle is not None:
+            handle.remove()
+
+
 def end_to_end(plan: Plan, model: Model, pipe) -> str:
     import accel
     from .calibrate import calibrate
-    from .transforms.quantize import weight_bytes
 
     kw = dict(prompt="a red circle on a blue square", num_inference_steps=plan.steps, guidance_scale=7.5,
               output_type="latent", height=model.pixels, width=model.pixels)
@@ -443,9 +545,13 @@ def end_to_end(plan: Plan, model: Model, pipe) -> str:
         return out
 
     t0 = time.perf_counter()
-    cal = calibrate(pipe, "cachequant-w8a8", ["a red circle on a blue square"], steps=plan.steps,
-                    budget=plan.budget_full_calls, batch_size=1, guidance=7.5, refine=False, progress=False)
-    cal_s = time.perf_counter() - t0
+    try:
+        cal = calibrate(pipe, "cachequant-w8a8", ["a red circle on a blue square"], steps=plan.steps,
+                        budget=plan.budget_full_calls, batch_size=1, guidance=7.5, refine=False, progress=False)
+        cal_note = f"{time.perf_counter() - t0:.0f} s"
+    except Exception as e:  # noqa: BLE001 -- the rows without a calibration still run
+        traceback.print_exc(file=sys.stderr)
+        cal, cal_note = None, f"failed (`{type(e).__name__}: {_first_line(e)}`)"
     rows = [("fp16" if plan.dtype == torch.float16 else "float", None, False),
             ("float + torch.compile" if plan.dtype != torch.float16 else "fp16 + torch.compile", None, True),
             ("cache I=5", [accel.FeatureCache(interval=5)], False),
@@ -454,42 +560,45 @@ def end_to_end(plan: Plan, model: Model, pipe) -> str:
             (f"cachequant-w8a8 ({plan.budget_full_calls} full calls)", "cachequant-w8a8", False)]
     lines, base = [], None
     for name, transforms, compiled in rows:
-        if plan.left() < (COMPILE_RESERVE_S if compiled else 0):  # a compile that would overrun is not started
+        if plan.left() < (COMPILE_RESERVE_S if compiled else ROW_RESERVE_S):  # a row that would overrun is not started
             lines.append(f"| {name} | not run (time budget) | | | | |")
             continue
-        handle = accel.apply(pipe, transforms, calibration=cal) if transforms is not None else None
-        unet = pipe.unet
         try:
-            wbytes = weight_bytes(unet)
-            if compiled:
-                torch._dynamo.reset()
-                pipe.unet = torch.compile(unet, backend=plan.compile_backend)
-            _peak_reset(plan.device)
-            t0 = time.perf_counter()
-            call()
-            first = time.perf_counter() - t0
-            secs = []
-            for _ in range(plan.e2e_repeats):
-                t0 = time.perf_counter()
-                call()
-                secs.append(time.perf_counter() - t0)
-            sec = statistics.median(secs)
-            peak = _peak(plan.device)
-        finally:
-            pipe.unet = unet
-            if handle is not None:
-                handle.remove()
-        base = base or sec
-        lines.append(f"| {name} | {sec:.2f} | {base / sec:.2f}x | {first:.1f} | {peak} | {wbytes / 2**20:.1f} |")
+            sec, first, peak, wbytes = _measure(plan, pipe, call, transforms, cal, compiled)
+        except Exception as e:  # noqa: BLE001 -- one broken row is reported as such; the others still run
+            traceback.print_exc(file=sys.stderr)
+            lines.append(f"| {name} | failed: `{type(e).__name__}: {_first_line(e)}` | | | | |")
+            continue
+        if base is None and transforms is None and not compiled:
+            base = sec
+        speed = f"{base / sec:.2f}x" if base else "—"
+        lines.append(f"| {name} | {sec:.2f} | {speed} | {first:.1f} | {peak} | {wbytes / 2**20:.1f} |")
     head = ("| method | s / image | speed-up | first call s (compile, autotune) | peak GPU memory GiB | "
             "UNet weights MiB |\n|---|---|---|---|---|---|")
     return (head + "\n" + "\n".join(lines) + f"\n\nCalibration (cachequant-w8a8, 1 prompt, {plan.steps} steps; the "
-            f"W8A8 rows use its static scales): {cal_s:.0f} s. Peak memory includes the float layers `accel.apply` "
+            f"W8A8 rows use its static scales): {cal_note}. Peak memory includes the float layers `accel.apply` "
             "keeps for `remove()`.\n")
 
 
 # ----------------------------------------------------------------------------------- report
-def run(plan: Plan, command_line: str) -> str:
+def _section(out: list, title: str, fn: Callable[[], str], emit: Callable[[str], None] | None) -> bool:
+    """Append section ``title`` with ``fn()``'s text to ``out`` (or the one-line reason it failed: a section that
+    breaks does not take the others with it; the traceback goes to stderr), then hand the report so far to
+    ``emit``. Whether the section ran."""
+    try:
+        body, ok = fn(), True
+    except Exception as e:  # noqa: BLE001 -- reported in the document and on stderr, then the next section runs
+        traceback.print_exc(file=sys.stderr)
+        body, ok = f"**Failed**: `{type(e).__name__}: {_first_line(e)}`\n", False
+    out.append(f"## {title}\n\n{body}")
+    if emit is not None:
+        emit("\n".join(out))
+    return ok
+
+
+def run(plan: Plan, command_line: str, emit: Callable[[str], None] | None = None) -> str:
+    """The report. ``emit`` receives the report so far after every section (``accel bench --gpu`` writes it to
+    ``--out``, so a run stopped from outside leaves what it measured)."""
     import triton
 
     if plan.device == "cuda":
@@ -501,14 +610,31 @@ def run(plan: Plan, command_line: str) -> str:
                 "tiny UNets, few steps, the reference backend (the Triton kernels in the interpreter for section "
                 "(a)). These are not GPU figures; they show that the benchmark's code runs.\n"]
     out = head
-    table, ok = kernel_checks(plan)
-    out.append("## (a) Kernels against the reference\n\n" + table + "\n")
-    if not ok:
-        out.append("**A kernel disagrees with the reference: the timings below are of wrong kernels.**\n")
+    verdict = {}
+
+    def kernels_section():
+        table, verdict["ok"] = kernel_checks(plan)
+        return table + "\n" + ("" if verdict["ok"] else "\n**A kernel disagrees with the reference: the timings "
+                                                       "below are of wrong kernels.**\n")
+
+    _section(out, "(a) Kernels against the reference", kernels_section, emit)
     for model in plan.models:
-        pipe = build_pipeline(model, plan.device, plan.dtype)
-        out.append(f"## (b) Layer throughput: {model.name}\n\n" + layer_throughput(plan, model, pipe))
-        out.append(f"## (c) End to end: {model.name}, {plan.steps} steps\n\n" + end_to_end(plan, model, pipe))
+        pipe = None
+
+        def built():
+            nonlocal pipe
+            if pipe is None:
+                pipe = build_pipeline(model, plan.device, plan.dtype)
+            return pipe
+
+        # end to end first: when time runs short, the per-image figures are what a user wants
+        for title, fn, reserve in ((f"(c) End to end: {model.name}, {plan.steps} steps", end_to_end, E2E_RESERVE_S),
+                                   (f"(b) Layer throughput: {model.name}", layer_throughput, LAYER_RESERVE_S)):
+            if plan.left() < reserve:
+                _section(out, title, lambda: f"Not run: under {reserve} s of the run's time budget "
+                                             f"({plan.time_budget_s:.0f} s) was left.\n", emit)
+                continue
+            _section(out, title, lambda: fn(plan, model, built()), emit)
         del pipe
         if plan.device == "cuda":
             torch.cuda.empty_cache()
@@ -517,13 +643,15 @@ def run(plan: Plan, command_line: str) -> str:
 
 DEFAULT_OUT = "docs/GPU_BENCHMARKS.md"
 NOT_RUN = "# GPU benchmarks\n\nNot run: no CUDA device on the machine that ran `accel bench --gpu`.\n"
+PARTIAL = "\n**Partial report: the run was still going (or was stopped) after the last section above.**\n"
 
 
-def main(args) -> str:
-    """``accel bench --gpu``: the report's text (see :data:`NOT_RUN` without CUDA unless ``--dry-run``)."""
+def main(args, emit: Callable[[str], None] | None = None) -> str:
+    """``accel bench --gpu``: the report's text (see :data:`NOT_RUN` without CUDA unless ``--dry-run``); ``emit``
+    as in :func:`run`."""
     line = "accel bench --gpu" + (" --dry-run" if args.dry_run else "")
     if args.dry_run:
-        return run(dry_plan(), line)
+        return run(dry_plan(), line, emit)
     if not torch.cuda.is_available():
         return NOT_RUN
-    return run(gpu_plan(tuple(args.gpu_models.split(",")), args.gpu_steps), line)
+    return run(gpu_plan(tuple(args.gpu_models.split(",")), args.gpu_steps, args.gpu_budget_s), line, emit)

@@ -280,6 +280,7 @@ def _consumers(unet, branch: int) -> list[str]:
 
 DEFAULT_BUDGET = 10  # full UNet calls per pipeline call when no budget is given
 DEFAULT_PROMPTS = 8  # calibration prompts (the miniature's train stream) when none are given
+REFINE_PROMPTS = 4  # of them, the ones a cache's schedule (or adaptive threshold) is refined on, by default
 
 
 def unet_calls(pipe, steps: int) -> int:
@@ -303,9 +304,17 @@ def check_recipe(recipe):
     return r
 
 
+def check_refine_prompts(refine_prompts: int | None, n_prompts: int) -> None:
+    """More refinement prompts than calibration prompts would silently fit on fewer than asked for."""
+    if refine_prompts is not None and refine_prompts > n_prompts:
+        raise ValueError(f"--refine-prompts {refine_prompts} is more than the {n_prompts} calibration prompts: give "
+                         f"at least {refine_prompts} prompts (--num-prompts) or --refine-prompts {n_prompts}")
+
+
 def _check_inputs(pipe, prompts, steps, budget, guidance, batch_size, refine_prompts, refine_evals,
-                  uses_budget: bool) -> list[int]:
-    """Every argument of :func:`calibrate` that can be checked before the pipeline runs; returns the budgets."""
+                  uses_budget: bool, refines: bool = False) -> list[int]:
+    """Every argument of :func:`calibrate` that can be checked before the pipeline runs; returns the budgets.
+    ``refines``: the cache's schedule or threshold will be fit on the first ``refine_prompts`` prompts."""
     import math
     import warnings
 
@@ -320,6 +329,8 @@ def _check_inputs(pipe, prompts, steps, budget, guidance, batch_size, refine_pro
             raise ValueError(f"{name} must be >= 1, got {v}")
     if not math.isfinite(guidance):
         raise ValueError(f"--guidance must be a finite number, got {guidance}")
+    if refines:
+        check_refine_prompts(refine_prompts, len(prompts))
     n = unet_calls(pipe, steps)
     given = budget is not None
     budgets = [int(b) for b in (budget if isinstance(budget, (list, tuple)) else [budget if given else DEFAULT_BUDGET])]
@@ -340,13 +351,14 @@ def _check_inputs(pipe, prompts, steps, budget, guidance, batch_size, refine_pro
 def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, steps: int = 50,
               budget: int | list[int] | None = None, seed: int = 0, guidance: float = 7.5, batch_size: int = 4,
               constrained: bool = True, prompt_source: str = "miniature grammar (train stream)", progress: bool = True,
-              refine: bool = True, refine_prompts: int = 4, refine_evals: int = 60) -> Calibration:
+              refine: bool = True, refine_prompts: int | None = None, refine_evals: int = 60) -> Calibration:
     """Calibrate ``pipe`` for ``recipe`` and return the :class:`Calibration` (``.save(DIR)`` writes it).
 
     ``budget``: full UNet calls per pipeline call, or a list of them (the first is the default budget of the
     artifact; default :data:`DEFAULT_BUDGET`); a recipe without a cache or a calibrated ``Inherit`` needs none
     (a given one is ignored, with a warning). With a cache and ``refine``, each budget's DP schedule is refined by :func:`refine_schedule` on
-    the first ``refine_prompts`` prompts (at most ``refine_evals`` pipeline runs per start); other budgets
+    the first ``refine_prompts`` prompts (default :data:`REFINE_PROMPTS`, or all when fewer are given; more than
+    were given is an error) (at most ``refine_evals`` pipeline runs per start); other budgets
     asked for later get the DP schedule alone. With a ``Quantize`` too, its activation scales are measured first and
     the schedule (or the adaptive threshold) is fit with the quantized model running: on the miniature a forecast
     schedule refined without it lost 1.8 dB once quantized (docs/BENCHMARKS.md)."""
@@ -365,8 +377,11 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
     unet, pipe = resolve(pipe)
     if pipe is None:
         raise ValueError("calibration needs the pipeline (it runs it), not a bare UNet")
+    asked = refine_prompts
+    refine_prompts = min(REFINE_PROMPTS, len(prompts)) if asked is None else asked
     budgets = _check_inputs(pipe, prompts, steps, budget, guidance, batch_size, refine_prompts, refine_evals,
-                            uses_budget=bool(caches or inherits))
+                            uses_budget=bool(caches or inherits),
+                            refines=bool(caches) and (refine or caches[0].schedule == "adaptive"))
     budget = budgets[0]
     meta = {
         "recipe": {"name": r.name, "transforms": [t.to_dict() for t in r.transforms]},

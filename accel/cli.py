@@ -324,7 +324,7 @@ def cmd_eval(args):
 
 
 def cmd_calibrate(args):
-    from accel.calibrate import DEFAULT_PROMPTS, calibrate, check_recipe
+    from accel.calibrate import DEFAULT_PROMPTS, calibrate, check_recipe, check_refine_prompts
     from accel.calibration import check_destination
     from accel.dist import state
     from accel.eval.runner import load_prompts
@@ -340,6 +340,7 @@ def cmd_calibrate(args):
     else:
         prompts = load_prompts(args.prompts, args.num_prompts, seed=args.seed)
         source = str(args.prompts)
+    check_refine_prompts(args.refine_prompts, len(prompts))
     check_device(args.device)
     check_model(args.model)
     pipe = load_model(args.model, args.device)
@@ -388,7 +389,8 @@ def cmd_bench(args):
     if args.gpu:
         from accel import bench_gpu
 
-        text = bench_gpu.main(args)
+        # the report so far after every section, so that a run stopped from outside leaves what it measured
+        text = bench_gpu.main(args, emit=lambda part: write_text_atomic(out, part + bench_gpu.PARTIAL))
     else:
         text = bench.run(args)
     write_text_atomic(out, text)
@@ -438,8 +440,9 @@ def _calibrate_parser(sub):
     p.add_argument("--unconstrained", action="store_true", help="no group-length bounds in the DP")
     p.add_argument("--no-refine", dest="refine", action="store_false",
                    help="keep the DP schedule as it is (default: refine it on the final samples' error)")
-    p.add_argument("--refine-prompts", type=_int_at_least(1), default=4,
-                   help="calibration prompts the refinement runs (default 4)")
+    p.add_argument("--refine-prompts", type=_int_at_least(1), default=None,
+                   help="of the calibration prompts, how many the cache's refinement runs (default 4, or all when "
+                        "fewer; at most --num-prompts)")
     p.add_argument("--refine-evals", type=_int_at_least(1), default=60,
                    help="at most this many pipeline runs per start of the refinement, per budget (default 60)")
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="calibration prompt i uses seed SEED+i (default 0)")
@@ -494,6 +497,8 @@ def _bench_parser(sub):
     g.add_argument("--dry-run", action="store_true", help="with --gpu: run its code on CPU with tiny models (no GPU figures)")
     g.add_argument("--gpu-models", default="sd15,sdxl", help="with --gpu: sd15, sdxl or both (default)")
     g.add_argument("--gpu-steps", type=_int_at_least(1), default=50, help="with --gpu: denoising steps end to end (default 50)")
+    g.add_argument("--gpu-budget-s", type=_int_at_least(60), default=540,
+                   help="with --gpu: seconds the run may take; a part that would overrun is reported 'not run' (default 540)")
     p.set_defaults(func=cmd_bench)
 
 

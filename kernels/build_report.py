@@ -67,7 +67,29 @@ VARIANTS = {
                                      sxc=None, sxw=1)),
     "quant.per_token": ("quant_per_token", {}, {}),
     "quant.static": ("quant_static", {}, {}),
+    "quant.table": ("quant_table", {}, {}),  # the strided walk (a split shortcut's half)
+    "quant.table.dense": ("quant_table", {}, dict(DENSE=True)),
 }
+
+
+def _codes(kname, dtype, **flags):  # what a static layer runs now: int8 codes from quant.table, the static epilogue
+    if kname == "gemm":
+        return ("gemm", dict(c_ptr=f"*{dtype}", b_ptr=f"*{dtype}"), dict(A_MODE=3, HAS_STEP=True, HAS_SHIFT=True, **flags))
+    ptrs = dict(y_ptr=f"*{dtype}", b_ptr=f"*{dtype}", r_ptr=f"*{dtype}")
+    return ("conv", ptrs, dict(A_MODE=3, HAS_STEP=True, HAS_SHIFT=True, **flags))
+
+
+VARIANTS.update({
+    "gemm.codes.fp16": _codes("gemm", "fp16"),
+    "gemm.codes.bf16": _codes("gemm", "bf16"),
+    "gemm.codes.fp16.oddk": _codes("gemm", "fp16", EVEN_K=False),
+    "conv.codes.fp16.3x3": _codes("conv", "fp16"),
+    "conv.codes.bf16.3x3": _codes("conv", "bf16"),
+    "conv.codes.fp16.3x3s2": _codes("conv", "fp16", STRIDE=2),
+    "conv.codes.fp16.3x3.split": _codes("conv", "fp16", HAS_BIAS=False, HAS_RES=True),
+    "conv.codes.fp16.1x1": _codes("conv", "fp16", KH=1, KW=1, PAD=0),
+    "conv.codes.fp16.3x3.c4": _codes("conv", "fp16", EVEN_C=False, sxc=None, sxw=1),
+})
 TENSOR_CORE_KERNELS = ("gemm", "conv")
 
 
@@ -78,7 +100,9 @@ def _kernels():
             "conv": (tk._conv_kernel, _CONV_PTRS, _CONV_DIV, _CONV_FLAGS),
             "quant_per_token": (tk._quant_per_token_kernel, dict(x_ptr="*fp16", q_ptr="*i8", s_ptr="*fp32"),
                                 ("K", "stride_xm", "stride_qm"), {}),
-            "quant_static": (tk._quant_static_kernel, dict(x_ptr="*fp16", q_ptr="*i8", qp_ptr="*fp32"), (), {})}
+            "quant_static": (tk._quant_static_kernel, dict(x_ptr="*fp16", q_ptr="*i8", qp_ptr="*fp32"), (), {}),
+            "quant_table": (tk._quant_table_kernel, dict(x_ptr="*fp16", q_ptr="*i8", qt_ptr="*fp32", step_ptr="*i32"),
+                            ("D1", "D2", "D3", "S0", "S1", "S2"), dict(HAS_STEP=True, DENSE=False, OFFS_64=False, S3=1))}
 
 
 def _jit_fn(kernel):

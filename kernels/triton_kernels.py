@@ -14,7 +14,10 @@ How they are written (Triton's matmul tutorial and production int8 GEMMs):
 * A modes (``A_MODE``): 0, int8 A with a given scale; 1, float A (fp32/fp16/bf16) quantized on load with a
   static per-tensor scale and shift read on the device from a per-call table ``qt[step] = (scale, shift)`` (the
   step index is itself a device tensor: no host sync, no Python float); 2, float A quantized per row inside the
-  kernel (dynamic: a first pass over K finds each row's absmax). A static quantized layer is one kernel.
+  kernel (dynamic: a first pass over K finds each row's absmax); 3, int8 codes of that static quantizer, written
+  by :func:`quantize_table` (the same table row read on the device), with mode 1's epilogue. A static layer is
+  two kernels, quantize then GEMM/conv on int8 (mode 3): fusing the quantization into the A load (mode 1, kept
+  behind :data:`FUSE_STATIC_QUANT`) measured 3-6x slower on an H200, see there.
 * Integer epilogue first (zero-point corrections in int32, exactly the reference's integers), then one
   conversion to float: ``y = acc * s_a * s_w[n] + (bias[n] + shift * wsum[n])``, written in the output dtype.
 * The conv is an implicit GEMM over NCHW tensors of any strides (channels_last reads contiguous channels):
@@ -79,7 +82,13 @@ def _prune_conv(configs, named_args, **kwargs):
     return conv_configs(configs, named_args["C"])
 
 
-A_INT8, A_STATIC, A_DYNAMIC = 0, 1, 2
+A_INT8, A_STATIC, A_DYNAMIC, A_CODES = 0, 1, 2, 3
+# A static layer quantizes its activation in a separate elementwise kernel and runs the GEMM/conv on the int8 codes
+# (A_CODES). Measured on an H200 (fp16, CUDA-graph replay, the SD 1.5 shapes): quantizing inside the A load
+# (A_STATIC) made the K loop wait on every A tile (the loads feed arithmetic before the dot, so they are not
+# pipelined): 3x3 conv 2x320x64x64 -> 320 154 us fused vs 5 + 33 us split, 2x1280x16x16 -> 1280 403 vs 2 + 64,
+# linear 8192x320 -> 2560 112 vs 5 + 35 (torch._int_mm alone 41). True restores the fused kernel (benchmarks).
+FUSE_STATIC_QUANT = False
 
 
 @triton.jit
@@ -143,6 +152,54 @@ def _quant_static_kernel(x_ptr, q_ptr, qp_ptr, numel, BLOCK: tl.constexpr):
     tl.store(q_ptr + offs, q.to(tl.int8), mask=offs < numel)
 
 
+@triton.jit
+def _quant_table_kernel(x_ptr, q_ptr, qt_ptr, step_ptr, numel, D1, D2, D3, S0, S1, S2, S3,
+                        HAS_STEP: tl.constexpr, DENSE: tl.constexpr, OFFS_64: tl.constexpr, BLOCK: tl.constexpr):
+    """A static layer's codes ``q = clamp(round((x - shift) / scale), -128, 127)``, ``(scale, shift)`` = row
+    ``step`` of the per-call table (the GEMM/conv's A_CODES epilogue reads the same row). ``q`` is dense, walked
+    in memory order as a ``(D0, D1, D2, D3)`` array; ``x`` is read at the strides ``S0..S3`` of those dims (a
+    channel slice of a split shortcut's input is not dense, and is not copied first), or at the same flat offsets
+    when it is laid out like ``q`` (``DENSE``: no index arithmetic)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if OFFS_64:
+        offs = offs.to(tl.int64)
+    scale, shift = _step_qparams(qt_ptr, step_ptr, HAS_STEP)
+    if DENSE:
+        src = offs
+    else:
+        i3 = offs % D3
+        rest = offs // D3
+        i2 = rest % D2
+        rest = rest // D2
+        src = (rest // D1) * S0 + (rest % D1) * S1 + i2 * S2 + i3 * S3
+    x = tl.load(x_ptr + src, mask=offs < numel, other=0.0)
+    tl.store(q_ptr + offs, _quantize(x, scale, shift, -128.0, 127.0).to(tl.int8), mask=offs < numel)
+
+
+def quantize_table(x: torch.Tensor, qtable: torch.Tensor, step: torch.Tensor | None) -> torch.Tensor:
+    """Static int8 codes of a 2-D ``(M, K)`` or 4-D NCHW ``x`` of any strides, in one elementwise pass. The
+    codes are dense: row-major for 2-D; for 4-D channels_last when ``x``'s channels are contiguous (what the
+    conv reads best), else contiguous."""
+    if x.dim() == 2:
+        q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+        dims, strides = (1, 1) + tuple(x.shape), (0, 0) + tuple(x.stride())
+    elif x.stride(1) == 1 and x.shape[1] > 1:  # NHWC memory order
+        q = torch.empty(x.shape, dtype=torch.int8, device=x.device, memory_format=torch.channels_last)
+        order = (0, 2, 3, 1)
+        dims, strides = tuple(x.shape[i] for i in order), tuple(x.stride(i) for i in order)
+    else:
+        q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+        dims, strides = tuple(x.shape), tuple(x.stride())
+    n = x.numel()
+    block = 256 if INTERPRET else 1024
+    _quant_table_kernel[(triton.cdiv(n, block),)](x, q, qtable, step if step is not None else qtable, n,
+                                                  dims[1], dims[2], dims[3], *strides,
+                                                  HAS_STEP=step is not None, DENSE=x.stride() == q.stride(),
+                                                  OFFS_64=_needs_64(x, q) or x.untyped_storage().nbytes() >= INT32_LIMIT,
+                                                  BLOCK=block)
+    return q
+
+
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     m, k = x2.shape
@@ -184,7 +241,7 @@ def _gemm_kernel(a_ptr, w_ptr, c_ptr, sa_ptr, qt_ptr, step_ptr, ws_ptr, wz_ptr, 
         rm, rn = rm.to(tl.int64), rn.to(tl.int64)
     a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]
     w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None]
-    if A_MODE == 1:
+    if A_MODE == 1 or A_MODE == 3:
         scale, shift = _step_qparams(qt_ptr, step_ptr, HAS_STEP)
     if A_MODE == 2:  # dynamic per-row scales: one pass over the row block first
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -228,7 +285,7 @@ def _gemm_kernel(a_ptr, w_ptr, c_ptr, sa_ptr, qt_ptr, step_ptr, ws_ptr, wz_ptr, 
     if HAS_WZ:  # asymmetric weights: - z_w[n] * sum_k (a[m, k] - z_a)
         acc -= rowsum[:, None] * tl.load(wz_ptr + rn).to(tl.int32)[None, :]
     y = acc.to(tl.float32)
-    if A_MODE == 1:
+    if A_MODE == 1 or A_MODE == 3:
         y = y * scale
     elif A_MODE == 2:
         y = y * row_scale[:, None]
@@ -270,6 +327,8 @@ def gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, a_scale: to
     if a.is_floating_point():
         mode = A_STATIC if qtable is not None else A_DYNAMIC
         out_dtype = out_dtype or a.dtype
+        if mode == A_STATIC and not FUSE_STATIC_QUANT:
+            a, mode = quantize_table(a, qtable, step), A_CODES
     else:
         mode = A_INT8
         out_dtype = out_dtype or torch.float32
@@ -278,7 +337,7 @@ def gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, a_scale: to
     if mode == A_DYNAMIC:
         a_scale = torch.empty((m,), dtype=torch.float32, device=dev)
     dummy = w_scale  # never read: its flag is off
-    has_shift = mode == A_STATIC and w_sum is not None
+    has_shift = mode in (A_STATIC, A_CODES) and w_sum is not None
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -328,7 +387,7 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, r_ptr, xs_ptr, qt_ptr, step_ptr, ws_ptr, w
         w_col = rn * swo
     x_ptrs = x_ptr + x_row[:, None] + rk[None, :] * sxc
     w_ptrs = w_ptr + w_col[None, :] + rk[:, None]
-    if A_MODE == 1:
+    if A_MODE == 1 or A_MODE == 3:
         scale, shift = _step_qparams(qt_ptr, step_ptr, HAS_STEP)
     BORDER: tl.constexpr = PAD > 0
     HAS_MASK: tl.constexpr = BORDER or not EVEN_C
@@ -372,7 +431,7 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, r_ptr, xs_ptr, qt_ptr, step_ptr, ws_ptr, w
     if HAS_WZ:
         acc -= rowsum[:, None] * tl.load(wz_ptr + rn).to(tl.int32)[None, :]
     y = acc.to(tl.float32)
-    if A_MODE == 1:
+    if A_MODE == 1 or A_MODE == 3:
         y = y * scale
     else:
         y = y * tl.load(xs_ptr)
@@ -423,8 +482,10 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, y: torch.Ten
     mode = A_STATIC if x.is_floating_point() else A_INT8
     if mode == A_STATIC and qtable is None:
         raise ValueError("a float input needs the quantizer table qtable")
+    if mode == A_STATIC and not FUSE_STATIC_QUANT:
+        x, mode = quantize_table(x, qtable, step), A_CODES
     dummy = w_scale
-    has_shift = mode == A_STATIC and w_sum is not None
+    has_shift = mode in (A_STATIC, A_CODES) and w_sum is not None
     if has_shift and padding > 0 and w_tap is None:
         raise ValueError("a shifted quantizer on a padded conv needs the per-tap weight sums w_tap")
 

@@ -130,6 +130,8 @@ def test_calibrate_out_dot(capsys, no_work, tmp_path, monkeypatch):
     (["--guidance", "nan"], "--guidance"),
     (["--batch-size", "0"], "--batch-size"),
     (["--refine-evals", "0"], "--refine-evals"),
+    (["--num-prompts", "4", "--refine-prompts", "8"], "--refine-prompts 8 is more than the 4 calibration prompts"),
+    (["--refine-prompts", "9"], "--refine-prompts 9 is more than the 8 calibration prompts"),
     (["--threads", "0"], "--threads"),
     (["--recipe", "deepcache-i3"], "uses no calibration"),
     (["--recipe", "no-such-recipe"], "unknown recipe"),

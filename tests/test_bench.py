@@ -96,3 +96,79 @@ def test_timing_reads_full_calls_from_caches_and_runs_every_other_method(tokeniz
     assert all(len(t) == 2 and min(t) > 0 for t in times.values())
     assert methods[1].spent == [3, 3] and methods[2].spent == [] and methods[0].spent == []
     assert len(methods[3].spent) == 2 and all(1 <= k <= 6 for k in methods[3].spent)
+
+
+def test_gpu_bench_sections_fail_alone_and_report_as_they_go(monkeypatch):
+    """A section that breaks is reported in one line and the next one runs; after every section the report so far
+    goes to ``emit``; with the time budget spent, sections are reported "not run" and not started."""
+    from accel import bench_gpu
+
+    plan = bench_gpu.dry_plan()
+    plan.models = plan.models[:1]
+    monkeypatch.setattr(bench_gpu, "kernel_checks", lambda plan: ("| kernels |", True))
+    monkeypatch.setattr(bench_gpu, "build_pipeline", lambda *a: "pipe")
+
+    def broken(plan, model, pipe):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(bench_gpu, "end_to_end", broken)
+    monkeypatch.setattr(bench_gpu, "layer_throughput", lambda plan, model, pipe: f"table of {pipe}\n")
+    parts = []
+    text = bench_gpu.run(plan, "accel bench --gpu --dry-run", emit=parts.append)
+    assert "## (c) End to end: SD-like tiny (64 px), 3 steps\n\n**Failed**: `RuntimeError: boom`\n" in text
+    assert "## (b) Layer throughput: SD-like tiny (64 px)\n\ntable of pipe\n" in text
+    assert len(parts) == 3 and parts[-1] == text and all(text.startswith(p) for p in parts)
+
+    def must_not_run(*a):
+        raise AssertionError("started past the time budget")
+
+    plan = bench_gpu.dry_plan()
+    plan.models, plan.time_budget_s = plan.models[:1], 0.0
+    monkeypatch.setattr(bench_gpu, "end_to_end", must_not_run)
+    monkeypatch.setattr(bench_gpu, "layer_throughput", must_not_run)
+    monkeypatch.setattr(bench_gpu, "build_pipeline", must_not_run)
+    text = bench_gpu.run(plan, "accel bench --gpu --dry-run")
+    assert text.count("Not run: under") == 2 and "**Failed**" not in text
+
+
+def test_gpu_bench_end_to_end_rows_fail_alone(monkeypatch):
+    """One end-to-end row that breaks (or a calibration that does) is a row saying so; the others are measured."""
+    import accel.calibrate
+    from accel import bench_gpu
+
+    def measure(plan, pipe, call, transforms, cal, compiled):
+        if compiled:
+            raise RuntimeError("no compiler here")
+        return 2.0 if transforms is None else 1.0, 3.0, "n/a", 2**20
+
+    def calibrate(*a, **k):
+        raise ValueError("no prompts")
+
+    monkeypatch.setattr(bench_gpu, "_measure", measure)
+    monkeypatch.setattr(accel.calibrate, "calibrate", calibrate)
+    plan = bench_gpu.dry_plan()
+    text = bench_gpu.end_to_end(plan, plan.models[0], None)
+    assert "| float | 2.00 | 1.00x | 3.0 | n/a | 1.0 |" in text
+    assert "| cache I=5 | 1.00 | 2.00x | 3.0 | n/a | 1.0 |" in text
+    assert text.count("failed: `RuntimeError: no compiler here`") == 2
+    assert "calibration" in text.lower() and "failed (`ValueError: no prompts`)" in text
+
+
+def test_gpu_bench_cli_leaves_the_partial_report(tmp_path, monkeypatch):
+    """`accel bench --gpu` writes the report after every section: a run that dies leaves what it measured, marked
+    partial."""
+    from accel import bench_gpu
+    from accel.cli import main
+
+    def run(plan, line, emit=None):
+        emit("# GPU benchmark: DRY RUN on CPU\n\n## (a) Kernels against the reference\n\n| kernels |\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_gpu, "run", run)
+    out = tmp_path / "gpu.md"
+    assert main(["bench", "--gpu", "--dry-run", "--out", str(out)]) != 0  # "accel: interrupted"
+    text = out.read_text()
+    assert text.startswith("# GPU benchmark: DRY RUN on CPU\n\n## (a) Kernels") and text.endswith(bench_gpu.PARTIAL)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--gpu", "--out", str(out)]) == 0  # a partial report is ours: it may be replaced
+    assert out.read_text() == bench_gpu.NOT_RUN

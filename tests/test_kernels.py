@@ -109,7 +109,14 @@ def test_backend_choice():
         kernels.choose("cpu", "cuda-graphs")
 
 
-# ----------------------------------------------------------------------------------- static layers (fused)
+# ----------------------------------------------------------------------------------- static layers
+@pytest.fixture(params=[False, True], ids=["split", "fused"])
+def fused(request, monkeypatch):
+    """A static layer both ways: quantize kernel + int8 GEMM/conv (what runs) and quantization in the A load."""
+    from accel.kernels import triton_kernels as tk
+
+    monkeypatch.setattr(tk, "FUSE_STATIC_QUANT", request.param)
+    return request.param
 def _layer(o, c, kh=None, g=None, asym=True):
     """int8 weights as Quantize stores them, with their scales, zero points and dequantized sums."""
     from accel.transforms.quantize import _weight_sums
@@ -134,7 +141,7 @@ def _table(x, g):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,k,n,asym,shifted", [(7, 40, 9, True, True), (70, 64, 33, False, True),
                                                 (33, 96, 70, True, False)])
-def test_static_linear_fused_equals_reference(dtype, m, k, n, asym, shifted):
+def test_static_linear_equals_reference(fused, dtype, m, k, n, asym, shifted):
     g = torch.Generator().manual_seed(m + k + n)
     x = (torch.nn.functional.silu(3 * torch.randn(m, k, generator=g))).to(dtype)  # skewed, like the UNet's
     w, ws, wz, _, wsum = _layer(n, k, g=g, asym=asym)
@@ -160,7 +167,7 @@ def test_static_linear_fused_equals_reference(dtype, m, k, n, asym, shifted):
 @pytest.mark.parametrize("nb,c,h,wd,o,kk,stride,pad,layout", [
     (2, 6, 7, 5, 9, 3, 1, 1, "channels_last"), (1, 40, 6, 6, 36, 3, 2, 1, "nchw"),
     (2, 32, 5, 4, 20, 1, 1, 0, "channels_last"), (1, 4, 9, 9, 8, 3, 1, 1, "nchw")])
-def test_static_conv_fused_equals_reference(dtype, nb, c, h, wd, o, kk, stride, pad, layout):
+def test_static_conv_equals_reference(fused, dtype, nb, c, h, wd, o, kk, stride, pad, layout):
     g = torch.Generator().manual_seed(c * h + o + kk)
     x = torch.nn.functional.silu(3 * torch.randn(nb, c, h, wd, generator=g)).to(dtype)
     if layout == "channels_last":
@@ -184,7 +191,7 @@ def test_static_conv_fused_equals_reference(dtype, nb, c, h, wd, o, kk, stride, 
     assert torch.equal(yi.long(), ref.conv2d_int8(xi, w, stride, pad))
 
 
-def test_split_conv_adds_the_second_half_in_the_kernel():
+def test_split_conv_adds_the_second_half_in_the_kernel(fused):
     """A conv over cat([hidden, skip]) with one quantizer per half: two launches, the second adds the first."""
     g = torch.Generator().manual_seed(11)
     x = torch.nn.functional.silu(2 * torch.randn(2, 12, 5, 6, generator=g)).contiguous(memory_format=torch.channels_last)
@@ -222,3 +229,23 @@ def test_custom_ops_fake_and_autograd():
     xf = x.clone().requires_grad_()
     torch.nn.functional.conv2d(xf, wf, padding=1).sum().backward()
     torch.testing.assert_close(xg.grad, xf.grad)
+
+
+def test_quantize_table_any_strides():
+    """The static quantize kernel writes dense codes, equal to the reference's, from dense and strided inputs (a
+    split shortcut's channel halves, row-strided matrices), channels_last codes when the channels are contiguous."""
+    from accel.kernels import triton_kernels as tk
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.nn.functional.silu(3 * torch.randn(2, 12, 5, 6, generator=g))
+    qt, step = _table(base, g)
+    cases = [base, base.contiguous(memory_format=torch.channels_last), base[:, 4:],
+             base.contiguous(memory_format=torch.channels_last)[:, :7], torch.randn(9, 40, generator=g)[:, 3:35],
+             torch.randn(9, 40, generator=g)]
+    for x in cases:
+        q = tk.quantize_table(x, qt, step)
+        assert q.dtype == torch.int8 and q.shape == x.shape
+        assert q.is_contiguous() or q.is_contiguous(memory_format=torch.channels_last)
+        if x.dim() == 4 and x.stride(1) == 1:
+            assert q.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(q, ref.quantize_static(x, qt[1, 0], 0, qt[1, 1]))
