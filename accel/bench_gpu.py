@@ -12,7 +12,9 @@ Three sections, each a function below:
     GEMM alone, no quantization or epilogue; graph).
 (c) :func:`end_to_end`: SD 1.5 and SDXL architectures (random weights, fp16, channels_last, one prompt with CFG,
     50 steps): fp16, fp16 + compile, cache I=5, W8A8, W8A8 + compile, cachequant-w8a8 (one calibration, made
-    here with one prompt and the same step count), seconds per image, speed-up and peak memory.
+    here with one prompt and the same step count), fp16 and W8A8 compiled with CUDA graphs
+    (``mode="reduce-overhead"``: eager W8A8 is bound by launch overhead), seconds per image, speed-up and peak
+    memory.
 
 Without CUDA the report is the one line "not run" (no CPU figure stands in for a GPU one). ``--dry-run`` runs the
 same functions on CPU with tiny UNets, few steps and the reference backend (a test does; its numbers are CPU
@@ -441,11 +443,11 @@ def time_layer(s: LayerShape, plan: Plan) -> dict:
     out["fp16"], out["fp16_graph"] = timeit(fp16, plan), graph_time(fp16, plan)
     if plan.backend == "triton":
         tk = kernels.triton_module()
-        fused, tk.FUSE_STATIC_QUANT = tk.FUSE_STATIC_QUANT, True
+        fused, tk.FUSE_QUANT = tk.FUSE_QUANT, True
         try:
             out["fused_graph"] = graph_time(int8, plan)
         finally:
-            tk.FUSE_STATIC_QUANT = fused
+            tk.FUSE_QUANT = fused
     return out
 
 
@@ -498,11 +500,14 @@ def _peak(dev) -> str:
     return f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if dev == "cuda" else "n/a"
 
 
+GRAPHS = "graphs"  # an end-to-end row compiled with CUDA graphs (on CPU: compiled as the other compile rows)
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
 
 
-def _measure(plan: Plan, pipe, call: Callable, transforms, cal, compiled: bool):
+def _measure(plan: Plan, pipe, call: Callable, transforms, cal, compiled: bool | str):
     """One end-to-end row: median seconds per image, first call's seconds, peak memory, UNet weight bytes.
     ``remove()`` restores the pipeline whatever happens."""
     import accel
@@ -514,7 +519,10 @@ def _measure(plan: Plan, pipe, call: Callable, transforms, cal, compiled: bool):
         wbytes = weight_bytes(unet)
         if compiled:
             torch._dynamo.reset()
-            pipe.unet = torch.compile(unet, backend=plan.compile_backend)
+            if compiled == GRAPHS and plan.device == "cuda":  # inductor + CUDA graph replay of the UNet call
+                pipe.unet = torch.compile(unet, mode="reduce-overhead")
+            else:
+                pipe.unet = torch.compile(unet, backend=plan.compile_backend)
         _peak_reset(plan.device)
         t0 = time.perf_counter()
         call()
@@ -552,12 +560,16 @@ def end_to_end(plan: Plan, model: Model, pipe) -> str:
     except Exception as e:  # noqa: BLE001 -- the rows without a calibration still run
         traceback.print_exc(file=sys.stderr)
         cal, cal_note = None, f"failed (`{type(e).__name__}: {_first_line(e)}`)"
-    rows = [("fp16" if plan.dtype == torch.float16 else "float", None, False),
-            ("float + torch.compile" if plan.dtype != torch.float16 else "fp16 + torch.compile", None, True),
+    fl = "fp16" if plan.dtype == torch.float16 else "float"
+    graphs = " (CUDA graphs: mode=reduce-overhead)"
+    rows = [(fl, None, False),
+            (f"{fl} + torch.compile", None, True),
             ("cache I=5", [accel.FeatureCache(interval=5)], False),
             ("W8A8 (static, per-call scales)", "w8a8", False),
             ("W8A8 + torch.compile", "w8a8", True),
-            (f"cachequant-w8a8 ({plan.budget_full_calls} full calls)", "cachequant-w8a8", False)]
+            (f"cachequant-w8a8 ({plan.budget_full_calls} full calls)", "cachequant-w8a8", False),
+            (f"{fl} + torch.compile{graphs}", None, GRAPHS),  # eager W8A8 is bound by launch overhead: replayed
+            (f"W8A8 + torch.compile{graphs}", "w8a8", GRAPHS)]
     lines, base = [], None
     for name, transforms, compiled in rows:
         if plan.left() < (COMPILE_RESERVE_S if compiled else ROW_RESERVE_S):  # a row that would overrun is not started

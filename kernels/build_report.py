@@ -80,6 +80,7 @@ def _codes(kname, dtype, **flags):  # what a static layer runs now: int8 codes f
 
 
 VARIANTS.update({
+    "gemm.rows.fp16": ("gemm", dict(c_ptr="*fp16", b_ptr="*fp16"), dict(PER_ROW_A=True)),  # a dynamic layer now
     "gemm.codes.fp16": _codes("gemm", "fp16"),
     "gemm.codes.bf16": _codes("gemm", "bf16"),
     "gemm.codes.fp16.oddk": _codes("gemm", "fp16", EVEN_K=False),

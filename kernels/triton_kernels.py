@@ -17,7 +17,8 @@ How they are written (Triton's matmul tutorial and production int8 GEMMs):
   kernel (dynamic: a first pass over K finds each row's absmax); 3, int8 codes of that static quantizer, written
   by :func:`quantize_table` (the same table row read on the device), with mode 1's epilogue. A static layer is
   two kernels, quantize then GEMM/conv on int8 (mode 3): fusing the quantization into the A load (mode 1, kept
-  behind :data:`FUSE_STATIC_QUANT`) measured 3-6x slower on an H200, see there.
+  behind :data:`FUSE_QUANT`) measured 3-6x slower on an H200, see there. A dynamic GEMM likewise runs the
+  per-token quantize kernel, then mode 0 with per-row scales (mode 2 behind the same flag).
 * Integer epilogue first (zero-point corrections in int32, exactly the reference's integers), then one
   conversion to float: ``y = acc * s_a * s_w[n] + (bias[n] + shift * wsum[n])``, written in the output dtype.
 * The conv is an implicit GEMM over NCHW tensors of any strides (channels_last reads contiguous channels):
@@ -87,8 +88,10 @@ A_INT8, A_STATIC, A_DYNAMIC, A_CODES = 0, 1, 2, 3
 # (A_CODES). Measured on an H200 (fp16, CUDA-graph replay, the SD 1.5 shapes): quantizing inside the A load
 # (A_STATIC) made the K loop wait on every A tile (the loads feed arithmetic before the dot, so they are not
 # pipelined): 3x3 conv 2x320x64x64 -> 320 154 us fused vs 5 + 33 us split, 2x1280x16x16 -> 1280 403 vs 2 + 64,
-# linear 8192x320 -> 2560 112 vs 5 + 35 (torch._int_mm alone 41). True restores the fused kernel (benchmarks).
-FUSE_STATIC_QUANT = False
+# linear 8192x320 -> 2560 112 vs 5 + 35 (torch._int_mm alone 41). Dynamic GEMMs are split the same way (per-token
+# quantize kernel, then the int8 GEMM with per-row scales; not yet measured on a GPU). True restores the fused
+# kernels (benchmarks).
+FUSE_QUANT = False
 
 
 @triton.jit
@@ -324,18 +327,22 @@ def gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, a_scale: to
     if a.stride(1) != 1:
         a = a.contiguous()
     dev = a.device
+    row_scales = None  # dynamic mode's per-row scales, returned
     if a.is_floating_point():
         mode = A_STATIC if qtable is not None else A_DYNAMIC
         out_dtype = out_dtype or a.dtype
-        if mode == A_STATIC and not FUSE_STATIC_QUANT:
+        if mode == A_STATIC and not FUSE_QUANT:
             a, mode = quantize_table(a, qtable, step), A_CODES
+        elif mode == A_DYNAMIC and not FUSE_QUANT:  # the same integers and per-row scales as the fused pass
+            a, a_scale = quantize_per_token(a)
+            mode, row_scales = A_INT8, a_scale
     else:
         mode = A_INT8
         out_dtype = out_dtype or torch.float32
     c = torch.empty((m, n), dtype=out_dtype, device=dev)
     per_row = mode == A_DYNAMIC or (a_scale is not None and a_scale.numel() > 1)
     if mode == A_DYNAMIC:
-        a_scale = torch.empty((m,), dtype=torch.float32, device=dev)
+        a_scale = row_scales = torch.empty((m,), dtype=torch.float32, device=dev)
     dummy = w_scale  # never read: its flag is off
     has_shift = mode in (A_STATIC, A_CODES) and w_sum is not None
 
@@ -349,7 +356,7 @@ def gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, a_scale: to
                        A_MODE=mode, PER_ROW_A=per_row, HAS_STEP=step is not None, HAS_WZ=w_zero is not None,
                        HAS_AZ=bool(a_zero), HAS_SHIFT=has_shift, HAS_BIAS=bias is not None,
                        OFFS_64=_needs_64(a, w, c))
-    return c, (a_scale if mode == A_DYNAMIC else None)
+    return c, row_scales
 
 
 # ------------------------------------------------------------------------------------------ conv
@@ -482,7 +489,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, y: torch.Ten
     mode = A_STATIC if x.is_floating_point() else A_INT8
     if mode == A_STATIC and qtable is None:
         raise ValueError("a float input needs the quantizer table qtable")
-    if mode == A_STATIC and not FUSE_STATIC_QUANT:
+    if mode == A_STATIC and not FUSE_QUANT:
         x, mode = quantize_table(x, qtable, step), A_CODES
     dummy = w_scale
     has_shift = mode in (A_STATIC, A_CODES) and w_sum is not None

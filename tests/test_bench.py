@@ -58,7 +58,9 @@ def test_gpu_bench_dry_run_and_not_run(tmp_path, monkeypatch):
     for model in ("SD-like tiny", "SDXL-like tiny"):
         assert f"## (b) Layer throughput: {model}" in text and f"## (c) End to end: {model}" in text
     for row in ("| float |", "| float + torch.compile |", "| cache I=5 |", "| W8A8 (static, per-call scales) |",
-                "| W8A8 + torch.compile |", "| cachequant-w8a8 (2 full calls) |"):
+                "| W8A8 + torch.compile |", "| cachequant-w8a8 (2 full calls) |",
+                "| float + torch.compile (CUDA graphs: mode=reduce-overhead) |",
+                "| W8A8 + torch.compile (CUDA graphs: mode=reduce-overhead) |"):
         assert row in text
     assert "not run" not in text and "GiB" in text and " n/a " in text  # no GPU memory figure on CPU
 
@@ -150,7 +152,7 @@ def test_gpu_bench_end_to_end_rows_fail_alone(monkeypatch):
     text = bench_gpu.end_to_end(plan, plan.models[0], None)
     assert "| float | 2.00 | 1.00x | 3.0 | n/a | 1.0 |" in text
     assert "| cache I=5 | 1.00 | 2.00x | 3.0 | n/a | 1.0 |" in text
-    assert text.count("failed: `RuntimeError: no compiler here`") == 2
+    assert text.count("failed: `RuntimeError: no compiler here`") == 4  # both compile rows and both graph rows
     assert "calibration" in text.lower() and "failed (`ValueError: no prompts`)" in text
 
 

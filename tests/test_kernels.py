@@ -72,16 +72,23 @@ def test_gemm_integer_accumulator_exact():
     assert torch.equal(y.long(), ref.int_matmul(a, w))  # |acc| < 2^24: exact in fp32
 
 
-@pytest.mark.parametrize("m,k,n", [(5, 40, 9), (16, 64, 16), (3, 7, 33)])
-def test_fused_linear_equals_reference(m, k, n):
+@pytest.mark.parametrize("m,k,n,asym", [(5, 40, 9, False), (16, 64, 16, True), (3, 7, 33, True), (1, 24, 8, False)])
+def test_dynamic_linear_equals_reference(fused, m, k, n, asym):
+    """Dynamic per-token W8A8 (split: the per-token quantize kernel, then the int8 GEMM with per-row scales; fused:
+    one kernel) against the reference, and the per-row scales it hands back."""
+    from accel.kernels import triton_kernels as tk
+
     g = torch.Generator().manual_seed(k)
     x = torch.randn(2, m, k, generator=g)
     w = rand_int8(n, k, g=g)
     sw = torch.rand(n, generator=g) / 50
+    zw = torch.randint(-9, 9, (n,), generator=g).to(torch.int8) if asym else None
     b = torch.randn(n, generator=g)
-    yt = kernels.w8a8_linear(x, w, sw, b, backend="triton")
-    yr = kernels.w8a8_linear(x, w, sw, b, backend="reference")
+    yt = kernels.w8a8_linear(x, w, sw, b, zw, backend="triton")
+    yr = kernels.w8a8_linear(x, w, sw, b, zw, backend="reference")
     torch.testing.assert_close(yt, yr, rtol=1e-6, atol=1e-5)
+    _, scales = tk.gemm(x.reshape(-1, k), w, sw, w_zero=zw, bias=b)
+    torch.testing.assert_close(scales, ref.quantize_per_token(x.reshape(-1, k))[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("nb,c,h,w,o,kk,stride,pad,asym", [
@@ -115,7 +122,7 @@ def fused(request, monkeypatch):
     """A static layer both ways: quantize kernel + int8 GEMM/conv (what runs) and quantization in the A load."""
     from accel.kernels import triton_kernels as tk
 
-    monkeypatch.setattr(tk, "FUSE_STATIC_QUANT", request.param)
+    monkeypatch.setattr(tk, "FUSE_QUANT", request.param)
     return request.param
 def _layer(o, c, kh=None, g=None, asym=True):
     """int8 weights as Quantize stores them, with their scales, zero points and dequantized sums."""
