@@ -503,8 +503,11 @@ def _peak(dev) -> str:
 GRAPHS = "graphs"  # an end-to-end row compiled with CUDA graphs (on CPU: compiled as the other compile rows)
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:300]
+def _failure(e: BaseException) -> str:
+    """What broke, for the report: ``Type: first line of the message`` in backticks (the traceback goes to
+    stderr)."""
+    traceback.print_exc(file=sys.stderr)
+    return f"`{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}`"
 
 
 def _measure(plan: Plan, pipe, call: Callable, transforms, cal, compiled: bool | str):
@@ -558,8 +561,7 @@ def end_to_end(plan: Plan, model: Model, pipe) -> str:
                         budget=plan.budget_full_calls, batch_size=1, guidance=7.5, refine=False, progress=False)
         cal_note = f"{time.perf_counter() - t0:.0f} s"
     except Exception as e:  # noqa: BLE001 -- the rows without a calibration still run
-        traceback.print_exc(file=sys.stderr)
-        cal, cal_note = None, f"failed (`{type(e).__name__}: {_first_line(e)}`)"
+        cal, cal_note = None, f"failed ({_failure(e)})"
     fl = "fp16" if plan.dtype == torch.float16 else "float"
     graphs = " (CUDA graphs: mode=reduce-overhead)"
     rows = [(fl, None, False),
@@ -578,8 +580,7 @@ def end_to_end(plan: Plan, model: Model, pipe) -> str:
         try:
             sec, first, peak, wbytes = _measure(plan, pipe, call, transforms, cal, compiled)
         except Exception as e:  # noqa: BLE001 -- one broken row is reported as such; the others still run
-            traceback.print_exc(file=sys.stderr)
-            lines.append(f"| {name} | failed: `{type(e).__name__}: {_first_line(e)}` | | | | |")
+            lines.append(f"| {name} | failed: {_failure(e)} | | | | |")
             continue
         if base is None and transforms is None and not compiled:
             base = sec
@@ -593,19 +594,17 @@ def end_to_end(plan: Plan, model: Model, pipe) -> str:
 
 
 # ----------------------------------------------------------------------------------- report
-def _section(out: list, title: str, fn: Callable[[], str], emit: Callable[[str], None] | None) -> bool:
+def _section(out: list, title: str, fn: Callable[[], str], emit: Callable[[str], None] | None) -> None:
     """Append section ``title`` with ``fn()``'s text to ``out`` (or the one-line reason it failed: a section that
     breaks does not take the others with it; the traceback goes to stderr), then hand the report so far to
-    ``emit``. Whether the section ran."""
+    ``emit``."""
     try:
-        body, ok = fn(), True
+        body = fn()
     except Exception as e:  # noqa: BLE001 -- reported in the document and on stderr, then the next section runs
-        traceback.print_exc(file=sys.stderr)
-        body, ok = f"**Failed**: `{type(e).__name__}: {_first_line(e)}`\n", False
+        body = f"**Failed**: {_failure(e)}\n"
     out.append(f"## {title}\n\n{body}")
     if emit is not None:
         emit("\n".join(out))
-    return ok
 
 
 def run(plan: Plan, command_line: str, emit: Callable[[str], None] | None = None) -> str:
@@ -622,12 +621,11 @@ def run(plan: Plan, command_line: str, emit: Callable[[str], None] | None = None
                 "tiny UNets, few steps, the reference backend (the Triton kernels in the interpreter for section "
                 "(a)). These are not GPU figures; they show that the benchmark's code runs.\n"]
     out = head
-    verdict = {}
 
     def kernels_section():
-        table, verdict["ok"] = kernel_checks(plan)
-        return table + "\n" + ("" if verdict["ok"] else "\n**A kernel disagrees with the reference: the timings "
-                                                       "below are of wrong kernels.**\n")
+        table, ok = kernel_checks(plan)
+        return table + "\n" + ("" if ok else "\n**A kernel disagrees with the reference: the timings below are of "
+                                             "wrong kernels.**\n")
 
     _section(out, "(a) Kernels against the reference", kernels_section, emit)
     for model in plan.models:

@@ -377,8 +377,8 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
     unet, pipe = resolve(pipe)
     if pipe is None:
         raise ValueError("calibration needs the pipeline (it runs it), not a bare UNet")
-    asked = refine_prompts
-    refine_prompts = min(REFINE_PROMPTS, len(prompts)) if asked is None else asked
+    if refine_prompts is None:
+        refine_prompts = min(REFINE_PROMPTS, len(prompts))
     budgets = _check_inputs(pipe, prompts, steps, budget, guidance, batch_size, refine_prompts, refine_evals,
                             uses_budget=bool(caches or inherits),
                             refines=bool(caches) and (refine or caches[0].schedule == "adaptive"))

@@ -198,7 +198,7 @@ def quantize_table(x: torch.Tensor, qtable: torch.Tensor, step: torch.Tensor | N
     _quant_table_kernel[(triton.cdiv(n, block),)](x, q, qtable, step if step is not None else qtable, n,
                                                   dims[1], dims[2], dims[3], *strides,
                                                   HAS_STEP=step is not None, DENSE=x.stride() == q.stride(),
-                                                  OFFS_64=_needs_64(x, q) or x.untyped_storage().nbytes() >= INT32_LIMIT,
+                                                  OFFS_64=x.untyped_storage().nbytes() >= INT32_LIMIT,  # >= any offset
                                                   BLOCK=block)
     return q
 
