@@ -1,0 +1,95 @@
+"""Fused static W8A8 layer (float A quantized inside the GEMM/conv: ``FUSE_QUANT = True``) vs split (one elementwise
+quantize kernel, then the int8-A kernel), CUDA-graph replay times (GPU time, no host overhead), on the SD 1.5 shapes
+the README quotes. ``python scripts/gpu_split.py`` on a CUDA machine (see accel/bench_gpu.py for the set-up); on a
+CPU it runs tiny shapes in Triton's interpreter and prints no times (a test does, so the script keeps working).
+It ran on an H200 on 2026-11-26 (the README's "W8A8 on a GPU")."""
+import time, traceback
+import torch, torch.nn.functional as F
+import accel  # noqa: F401 -- before triton: Triton's interpreter on a machine without CUDA
+import triton
+from accel import bench_gpu as bg, kernels
+tk = kernels.triton_module()
+cuda = torch.cuda.is_available()
+dev, dt = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+T0 = time.time()
+SHAPES = [("conv", (2, 320, 64, 64), 320, 3, 1), ("conv", (2, 1280, 16, 16), 1280, 3, 1),
+          ("conv", (2, 640, 32, 32), 640, 3, 1), ("conv", (2, 320, 64, 64), 320, 1, 0),
+          ("linear", (8192, 320), 2560, 1, 0), ("linear", (8192, 320), 320, 1, 0)]
+if not cuda:
+    SHAPES = [("conv", (2, 24, 6, 6), 32, 3, 1), ("linear", (40, 24), 32, 1, 0)]
+
+def gt(fn, n=20):
+    if not cuda:
+        fn(); return float("nan")
+    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    g.replay(); torch.cuda.synchronize()
+    ts = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); g.replay(); b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b) * 1e3 / n)
+    return sorted(ts)[2]
+
+def fuse(fn):
+    """``fn()`` with the quantization fused into the kernel's A load (as every static layer ran before the split)."""
+    before, tk.FUSE_QUANT = tk.FUSE_QUANT, True
+    try:
+        return fn()
+    finally:
+        tk.FUSE_QUANT = before
+
+
+g = torch.Generator().manual_seed(0)
+print("| layer | fp16 us | fused W8A8 us | quantize us | int8-A kernel us | split total us | int_mm us | split == fused |", flush=True)
+for kind, xs, o, k, pad in SHAPES:
+    try:
+        x = bg._skewed(xs, dt, dev, g)
+        qt = bg._table(x)
+        qp = torch.stack([qt[0, 0], qt[0, 1], torch.zeros((), device=dev)]).float().contiguous()
+        step = torch.zeros(1, dtype=torch.int32, device=dev)
+        if kind == "conv":
+            x = x.contiguous(memory_format=torch.channels_last)
+            w, ws, wz, tap, wsum = bg.int8_layer(o, xs[1], k, dev)
+            wf = (torch.randn(o, xs[1], k, k, generator=g) / 30).to(dev, dt).contiguous(memory_format=torch.channels_last)
+            b = torch.zeros(o, device=dev, dtype=dt)
+            y = torch.empty(kernels.ops.conv_out_shape(x, w, 1, pad), dtype=dt, device=dev, memory_format=torch.channels_last)
+            xnhwc = x.permute(0, 2, 3, 1)
+            q = torch.empty(xnhwc.shape, dtype=torch.int8, device=dev)
+            qv = q.permute(0, 3, 1, 2)
+            xs1 = qt[0, 0].reshape(1).float().contiguous()
+            fused = lambda: fuse(lambda: kernels.conv2d(x, w, ws, qt, wz, b, None, None, step, None, 1, pad, "triton"))
+            quant = lambda: tk._quant_static_kernel[(triton.cdiv(q.numel(), 1024 if cuda else 256),)](xnhwc, q, qp, q.numel(), BLOCK=1024 if cuda else 256)
+            int8k = lambda: tk.conv2d(qv, w, ws, y, x_scale=xs1, w_zero=wz, bias=b, stride=1, padding=pad)
+            ff = lambda: F.conv2d(x, wf, b, 1, pad)
+            fi = None
+        else:
+            w, ws, wz, _, wsum = bg.int8_layer(o, xs[1], None, dev)
+            wf, b = torch.randn(o, xs[1], generator=g).to(dev, dt) / 30, torch.zeros(o, device=dev, dtype=dt)
+            q = torch.empty(xs, dtype=torch.int8, device=dev)
+            sa = qt[0, 0].reshape(1).float().contiguous()
+            fused = lambda: fuse(lambda: kernels.linear(x, w, ws, wz, b, None, qt, step, "triton"))
+            quant = lambda: tk._quant_static_kernel[(triton.cdiv(q.numel(), 1024 if cuda else 256),)](x, q, qp, q.numel(), BLOCK=1024 if cuda else 256)
+            int8k = lambda: tk.gemm(q, w, ws, a_scale=sa, w_zero=wz, bias=b, out_dtype=dt)[0]
+            ff = lambda: F.linear(x, wf, b)
+            a8, wt = torch.randint(-127, 128, xs, dtype=torch.int8, device=dev), w.t()
+            fi = (lambda: torch._int_mm(a8, wt)) if cuda else None
+        quant()
+        yb = int8k()
+        ys = (y if kind == "conv" else yb).float().clone()
+        yf = fused().float()
+        same = (ys - yf).abs().max().item() / yf.abs().max().clamp_min(1e-9).item()
+        r = [gt(ff), gt(fused), gt(quant), gt(int8k)]
+        r.append(r[2] + r[3])
+        r.append(gt(fi) if fi else float("nan"))
+        lab = f"{kind} {xs}->{o} k{k}"
+        print(f"| {lab} | " + " | ".join(f"{v:.0f}" for v in r) + f" | {same:.1e} |", flush=True)
+    except Exception:
+        traceback.print_exc()
+    print(f"[{time.time() - T0:.0f} s]", flush=True)
