@@ -6,7 +6,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast bench bench-cache bench-cache-refine8 bench-gpu kernel-report notebooks weights scalelong clean
+.PHONY: setup demo test test-fast bench bench-cache bench-gpu kernel-report notebooks weights scalelong clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -38,10 +38,6 @@ bench: setup
 ## regenerate docs/CACHE_BENCHMARKS.md: every cache mode's fidelity against full UNet calls (about 1.5 hours)
 bench-cache: setup
 	$(VENV)/bin/accel bench --sections curves --out docs/CACHE_BENCHMARKS.md
-
-## DPM-Solver++ 25's curves with schedules refined on 8 prompts -> docs/CACHE_BENCHMARKS_REFINE8.md (~25 min)
-bench-cache-refine8: setup
-	$(VENV)/bin/accel bench --sections curves --quick --curve-samplers DPMSolverMultistepScheduler --curve-refine-prompts 8 --out docs/CACHE_BENCHMARKS_REFINE8.md
 
 ## re-execute the notebooks in place, with their outputs and figures (one CPU thread)
 notebooks: setup

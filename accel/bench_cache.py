@@ -130,7 +130,7 @@ def _generate(pipe, prompts, steps, guidance, seed, batch_size=8):
 
 
 def measure(scheduler: str, steps: int, num_prompts: int = 32, seed: int = 0, intervals=INTERVALS,
-            refine_evals: int = 40, refine_prompts: int = 4, progress: bool = True, scorer=None) -> Curves:
+            refine_evals: int = 40, refine_prompts: int = 8, progress: bool = True, scorer=None) -> Curves:
     """Calibrate on train prompts, run every mode at every interval's budget on held-out prompts."""
     import time
 

@@ -280,7 +280,8 @@ def _consumers(unet, branch: int) -> list[str]:
 
 DEFAULT_BUDGET = 10  # full UNet calls per pipeline call when no budget is given
 DEFAULT_PROMPTS = 8  # calibration prompts (the miniature's train stream) when none are given
-REFINE_PROMPTS = 4  # of them, the ones a cache's schedule (or adaptive threshold) is refined on, by default
+REFINE_PROMPTS = 8  # of them, the ones a cache's schedule (or adaptive threshold) is refined on, by default: on 4 the
+# refinement overfits (held-out fidelity 1-4 dB below the fit prompts'; docs/CACHE_BENCHMARKS.md's fit column)
 
 
 def unet_calls(pipe, steps: int) -> int:

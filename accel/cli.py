@@ -441,7 +441,7 @@ def _calibrate_parser(sub):
     p.add_argument("--no-refine", dest="refine", action="store_false",
                    help="keep the DP schedule as it is (default: refine it on the final samples' error)")
     p.add_argument("--refine-prompts", type=_int_at_least(1), default=None,
-                   help="of the calibration prompts, how many the cache's refinement runs (default 4, or all when "
+                   help="of the calibration prompts, how many the cache's refinement runs (default 8, or all when "
                         "fewer; at most --num-prompts)")
     p.add_argument("--refine-evals", type=_int_at_least(1), default=60,
                    help="at most this many pipeline runs per start of the refinement, per budget (default 60)")
@@ -468,9 +468,9 @@ def _bench_parser(sub):
                    "mode's fidelity against full calls for three samplers, about 1.5 hours: `make bench-cache`)")
     p.add_argument("--curve-refine-evals", type=_int_at_least(1), default=40,
                    help="curves section: refinement runs per start and budget in its calibrations (default 40)")
-    p.add_argument("--curve-refine-prompts", type=_refine_prompts, default=4,
-                   help="curves section: calibration prompts the schedules and thresholds are refined on (default 4, "
-                   "as `accel calibrate`; at most its 8)")
+    p.add_argument("--curve-refine-prompts", type=_refine_prompts, default=8,
+                   help="curves section: calibration prompts the schedules and thresholds are refined on (default 8, "
+                   "as `accel calibrate`; at most 8)")
     p.add_argument("--curve-samplers", type=_samplers, default=",".join(CURVE_SAMPLERS),
                    help=f"curves section: the sampler settings to measure (default all: {','.join(CURVE_SAMPLERS)}: "
                    "50-step PNDM, 25-step DPM-Solver++, 30-step Euler)")

@@ -234,7 +234,7 @@ def test_two_process_calibration_equals_one_process(tokenizer_dir, tmp_path):
 
 
 def test_refine_prompts_default_and_bounds(tokenizer_dir, monkeypatch):
-    """refine_prompts: by default 4, or every prompt when fewer are given; more than were given is refused before
+    """refine_prompts: by default 8, or every prompt when fewer are given; more than were given is refused before
     the pipeline runs (it used to refine on fewer than asked for, silently)."""
     import accel.calibrate as cal
 
@@ -249,10 +249,10 @@ def test_refine_prompts_default_and_bounds(tokenizer_dir, monkeypatch):
     seen = []
     real = cal._check_inputs
     monkeypatch.setattr(cal, "_check_inputs", lambda *a, **k: seen.append(a[6]) or real(*a, **k))
-    for prompts, asked in ((["a", "b"], None), (list("abcdef"), None), (list("abcdef"), 6)):
+    for prompts, asked in ((["a", "b"], None), (list("abcdefghij"), None), (list("abcdef"), 6)):
         with pytest.raises(Ran):
             cal.calibrate(pipe, "cachequant-dp", prompts, steps=10, budget=4, refine_prompts=asked)
-    assert seen == [2, 4, 6]
+    assert seen == [2, 8, 6]
     with pytest.raises(ValueError, match="--refine-prompts 7 is more than the 6 calibration prompts"):
         cal.calibrate(pipe, "cachequant-dp", list("abcdef"), steps=10, budget=4, refine_prompts=7)
     with pytest.raises(Ran):  # without refinement the number does not matter
