@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from accel import miniature
 from accel.eval import CLIPScorer, resolve_clip

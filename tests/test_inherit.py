@@ -82,8 +82,6 @@ def test_sdxl_and_controlnet(tokenizer_dir):
 def test_calibrated_schedule_runs_where_the_outputs_change_most(tokenizer_dir, tmp_path):
     """schedule='calibrated': the targets run at the DP schedule of their own output distances, measured here
     independently (plain torch hooks on a plain run) and compared with what accel calibrate stored and applies."""
-    import numpy as np
-
     from accel import schedules
     from accel.calibrate import calibrate
     from accel.calibration import Calibration

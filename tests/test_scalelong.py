@@ -75,8 +75,6 @@ def test_ls_trains_saves_loads_and_removes_exactly(tmp_path):
     torch.manual_seed(0)
     unet = tiny_unet()
     x, t, ctx = unet_inputs(unet)
-    with torch.no_grad():
-        before = unet(x, t, encoder_hidden_states=ctx).sample
     keys, config = set(unet.state_dict()), dict(unet.config)
     sl = ScaleLong(kind="ls", reduction=4, record_norms=True)
     h = accel.apply(unet, sl)
