@@ -35,7 +35,7 @@ scalelong: setup
 bench: setup
 	$(VENV)/bin/accel bench --out docs/BENCHMARKS.md
 
-## regenerate docs/CACHE_BENCHMARKS.md: every cache mode's fidelity against full UNet calls (about 1.5 hours)
+## regenerate docs/CACHE_BENCHMARKS.md: every cache mode's fidelity against full UNet calls (about 70 minutes on one CPU thread)
 bench-cache: setup
 	$(VENV)/bin/accel bench --sections curves --out docs/CACHE_BENCHMARKS.md
 

@@ -465,7 +465,7 @@ def _bench_parser(sub):
                    "file is replaced only if accel bench wrote it)")
     p.add_argument("--sections", type=_sections, default=",".join(BENCH_DEFAULT),
                    help=f"comma-separated sections to run (default {','.join(BENCH_DEFAULT)}; also: curves, every cache "
-                   "mode's fidelity against full calls for three samplers, about 1.5 hours: `make bench-cache`)")
+                   "mode's fidelity against full calls for three samplers, about 70 minutes: `make bench-cache`)")
     p.add_argument("--curve-refine-evals", type=_int_at_least(1), default=40,
                    help="curves section: refinement runs per start and budget in its calibrations (default 40)")
     p.add_argument("--curve-refine-prompts", type=_refine_prompts, default=8,

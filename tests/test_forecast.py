@@ -203,7 +203,9 @@ def test_calibrated_threshold_spends_the_budget(adaptive_calibration):
 
 def test_calibrated_forecast_schedule_is_refined_with_the_forecast(tokenizer_dir):
     pipe = make_pipe("sd", tokenizer_dir, scheduler="DDIMScheduler")
-    recipe = accel.Recipe("t", [accel.FeatureCache(schedule="calibrated", forecast="taylor1")])
+    recipe = accel.recipe.load("cache-forecast-plain")
+    plain = accel.FeatureCache(schedule="calibrated", forecast="taylor1")
+    assert [t.to_dict() for t in recipe.transforms] == [plain.to_dict()]
     calib = calibrate(pipe, recipe, PROMPTS, steps=10, budget=4, batch_size=2, progress=False, refine_evals=8)
     c = calib.cache(0)
     assert c.refined_budgets("taylor1") == [4] and c.refined_budgets() == []
