@@ -472,7 +472,7 @@ def run(args) -> str:
         out.append("## Speed (wall-clock, one CPU thread)\n")
         if not dc:
             out.append("DeepCache is not installed (`pip install DeepCache`): its rows are missing.\n")
-        out.append(f"### Miniature, 50 steps\n")
+        out.append("### Miniature, 50 steps\n")
         table, _ = speed_table(mini, interleaved, 50, 8, args.repeats, progress=not args.quiet)
         out.append(table + "\n")
         if not args.quick:
