@@ -305,6 +305,13 @@ def check_recipe(recipe):
     return r
 
 
+def refines_cache(recipe, refine: bool = True) -> bool:
+    """Whether calibrating ``recipe`` fits a cache's schedule (unless ``refine`` is off) or its adaptive threshold on
+    the refinement prompts, the ones ``refine_prompts`` counts."""
+    caches = [t for t in check_recipe(recipe).transforms if isinstance(t, FeatureCache)]
+    return bool(caches) and (refine or caches[0].schedule == "adaptive")
+
+
 def check_refine_prompts(refine_prompts: int | None, n_prompts: int) -> None:
     """More refinement prompts than calibration prompts would silently fit on fewer than asked for."""
     if refine_prompts is not None and refine_prompts > n_prompts:
@@ -313,9 +320,10 @@ def check_refine_prompts(refine_prompts: int | None, n_prompts: int) -> None:
 
 
 def _check_inputs(pipe, prompts, steps, budget, guidance, batch_size, refine_prompts, refine_evals,
-                  uses_budget: bool, refines: bool = False) -> list[int]:
+                  uses_budget: bool, refines: bool = False, refine_prompts_given: bool = False) -> list[int]:
     """Every argument of :func:`calibrate` that can be checked before the pipeline runs; returns the budgets.
-    ``refines``: the cache's schedule or threshold will be fit on the first ``refine_prompts`` prompts."""
+    ``refines``: the cache's schedule or threshold will be fit on the first ``refine_prompts`` prompts (a number
+    given for a calibration that refines nothing is ignored, with a warning)."""
     import math
     import warnings
 
@@ -332,6 +340,9 @@ def _check_inputs(pipe, prompts, steps, budget, guidance, batch_size, refine_pro
         raise ValueError(f"--guidance must be a finite number, got {guidance}")
     if refines:
         check_refine_prompts(refine_prompts, len(prompts))
+    elif refine_prompts_given:
+        warnings.warn("--refine-prompts is ignored: nothing is refined (no FeatureCache in the recipe, or --no-refine "
+                      "with a fixed schedule)", AccelWarning, stacklevel=3)
     n = unet_calls(pipe, steps)
     given = budget is not None
     budgets = [int(b) for b in (budget if isinstance(budget, (list, tuple)) else [budget if given else DEFAULT_BUDGET])]
@@ -378,11 +389,12 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
     unet, pipe = resolve(pipe)
     if pipe is None:
         raise ValueError("calibration needs the pipeline (it runs it), not a bare UNet")
+    given = refine_prompts is not None
     if refine_prompts is None:
         refine_prompts = min(REFINE_PROMPTS, len(prompts))
     budgets = _check_inputs(pipe, prompts, steps, budget, guidance, batch_size, refine_prompts, refine_evals,
-                            uses_budget=bool(caches or inherits),
-                            refines=bool(caches) and (refine or caches[0].schedule == "adaptive"))
+                            uses_budget=bool(caches or inherits), refines=refines_cache(r, refine),
+                            refine_prompts_given=given)
     budget = budgets[0]
     meta = {
         "recipe": {"name": r.name, "transforms": [t.to_dict() for t in r.transforms]},

@@ -324,13 +324,13 @@ def cmd_eval(args):
 
 
 def cmd_calibrate(args):
-    from accel.calibrate import DEFAULT_PROMPTS, calibrate, check_recipe, check_refine_prompts
+    from accel.calibrate import DEFAULT_PROMPTS, calibrate, check_recipe, check_refine_prompts, refines_cache
     from accel.calibration import check_destination
     from accel.dist import state
     from accel.eval.runner import load_prompts
 
     out = check_destination(args.out, flag="--out")
-    check_recipe(args.recipe)
+    recipe = check_recipe(args.recipe)
     if args.prompts is None:
         from accel import miniature
 
@@ -340,7 +340,8 @@ def cmd_calibrate(args):
     else:
         prompts = load_prompts(args.prompts, args.num_prompts, seed=args.seed)
         source = str(args.prompts)
-    check_refine_prompts(args.refine_prompts, len(prompts))
+    if refines_cache(recipe, args.refine):  # before the model loads; calibrate() checks it again (the API's check)
+        check_refine_prompts(args.refine_prompts, len(prompts))
     check_device(args.device)
     check_model(args.model)
     pipe = load_model(args.model, args.device)

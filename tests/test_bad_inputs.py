@@ -174,7 +174,8 @@ def test_calibrate_budget_beyond_the_unet_calls_is_refused_before_running(capsys
 
 def test_calibrate_w8a8_needs_no_cache_budget(capsys, tmp_path):
     """`calibrate --recipe w8a8 --steps 4` (no cache in the recipe) runs; the folder gets normal permissions, and a
-    second run replaces the calibration (a given --budget is ignored, with a warning)."""
+    second run replaces the calibration (a given --budget or --refine-prompts, even one larger than the prompts, is
+    ignored, with a warning, as in the API)."""
     out = tmp_path / "w8"
     rc, stdout, err = cli(capsys, "calibrate", "--recipe", "w8a8", "--steps", "4", "--num-prompts", "1",
                           "--batch-size", "1", "--out", out)
@@ -189,9 +190,10 @@ def test_calibrate_w8a8_needs_no_cache_budget(capsys, tmp_path):
     for f in out.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask()
     rc, _, err = cli(capsys, "calibrate", "--recipe", "w8a8", "--steps", "4", "--num-prompts", "1", "--budget", "3",
-                     "--batch-size", "1", "--seed", "1", "--out", out)
+                     "--refine-prompts", "4", "--batch-size", "1", "--seed", "1", "--out", out)
     assert rc == 0, err
     assert "accel calibrate: warning: --budget is ignored" in err
+    assert "accel calibrate: warning: --refine-prompts is ignored" in err
     assert Calibration.load(out).meta["generation"]["seed"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w8"]  # no temporary left beside it
 

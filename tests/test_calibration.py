@@ -255,5 +255,8 @@ def test_refine_prompts_default_and_bounds(tokenizer_dir, monkeypatch):
     assert seen == [2, 8, 6]
     with pytest.raises(ValueError, match="--refine-prompts 7 is more than the 6 calibration prompts"):
         cal.calibrate(pipe, "cachequant-dp", list("abcdef"), steps=10, budget=4, refine_prompts=7)
-    with pytest.raises(Ran):  # without refinement the number does not matter
+    from accel.errors import AccelWarning
+
+    with pytest.raises(Ran), pytest.warns(AccelWarning, match="--refine-prompts is ignored"):
+        # without refinement the number is not used: said, not refused
         cal.calibrate(pipe, "cachequant-dp", list("abcdef"), steps=10, budget=4, refine_prompts=7, refine=False)
