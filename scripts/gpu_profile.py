@@ -89,25 +89,10 @@ if "h" in state:
 
 # per layer: eager vs CUDA graph replay
 from accel import kernels
-def graph_time(fn, n=20):
-    if dev != "cuda":
-        return float("nan")
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
-    g.replay(); torch.cuda.synchronize()
-    ts = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); g.replay(); b.record(); torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3 / n)
-    return sorted(ts)[2]
+def graph_time(fn):
+    """Seconds per call replayed from a CUDA graph (bench_gpu.graph_time; NaN off CUDA)."""
+    t = bg.graph_time(fn, plan)
+    return float("nan") if t is None else t
 
 def layers():
     counts = bg.layer_shapes(model, pipe)

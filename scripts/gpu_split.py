@@ -18,24 +18,16 @@ SHAPES = [("conv", (2, 320, 64, 64), 320, 3, 1), ("conv", (2, 1280, 16, 16), 128
 if not cuda:
     SHAPES = [("conv", (2, 24, 6, 6), 32, 3, 1), ("linear", (40, 24), 32, 1, 0)]
 
-def gt(fn, n=20):
+plan = bg.gpu_plan(()) if cuda else bg.dry_plan()  # graph timings: median of plan.repeats (5 on CUDA)
+
+
+def gt(fn):
+    """Microseconds per call of ``fn`` replayed from a CUDA graph (bench_gpu.graph_time); on a CPU ``fn`` runs once
+    (the kernels in the interpreter) and the time is NaN."""
     if not cuda:
         fn(); return float("nan")
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
-    g.replay(); torch.cuda.synchronize()
-    ts = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); g.replay(); b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b) * 1e3 / n)
-    return sorted(ts)[2]
+    t = bg.graph_time(fn, plan)
+    return float("nan") if t is None else t * 1e6
 
 def fuse(fn):
     """``fn()`` with the quantization fused into the kernel's A load (as every static layer ran before the split)."""
