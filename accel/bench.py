@@ -90,30 +90,12 @@ SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
 
 def sd15_architecture_pipeline(seed: int = 0):
     """A real ``StableDiffusionPipeline`` with SD 1.5's UNet (random weights, 860M parameters), a one-layer
-    768-wide CLIP text encoder, a tiny VAE (unused with ``output_type="latent"``) and SD's PNDM scheduler."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    768-wide CLIP text encoder, a tiny VAE (unused with ``output_type="latent"``) and SD's PNDM scheduler, on the
+    CPU in float32 (the GPU bench builds the same pipeline: :func:`accel.bench_gpu.build_pipeline`)."""
+    from .bench_gpu import Model, build_pipeline
 
-    import tempfile
-
-    from accel.miniature.models import SCHEDULER_CONFIG, build_tokenizer
-
-    with tempfile.TemporaryDirectory() as d:
-        tok = build_tokenizer(d)
-    torch.manual_seed(seed)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=768,
-                                        num_hidden_layers=1, num_attention_heads=12,
-                                        max_position_embeddings=tok.model_max_length,
-                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                        pad_token_id=tok.pad_token_id))
-    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok,
-                                   unet=UNet2DConditionModel(**SD15_UNET).eval(),
-                                   scheduler=PNDMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    model = Model("SD 1.5 architecture", "sd", SD15_UNET, (768,), 512)
+    return build_pipeline(model, "cpu", torch.float32, seed, channels_last=False)
 
 
 # ----------------------------------------------------------------------------------- cost

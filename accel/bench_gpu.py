@@ -139,9 +139,10 @@ def _sd15_unet() -> dict:
 
 
 # ----------------------------------------------------------------------------------- models
-def build_pipeline(model: Model, device: str, dtype: torch.dtype, seed: int = 0):
+def build_pipeline(model: Model, device: str, dtype: torch.dtype, seed: int = 0, channels_last: bool = True):
     """A real diffusers pipeline of ``model``'s UNet architecture with random weights, one-layer text encoders
-    of the real widths, a tiny VAE (unused: latents out) and the model's usual scheduler."""
+    of the real widths, a tiny VAE (unused: latents out) and the model's usual scheduler; the UNet in
+    channels-last memory format unless ``channels_last=False``."""
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -173,8 +174,10 @@ def build_pipeline(model: Model, device: str, dtype: torch.dtype, seed: int = 0)
             vae=vae, text_encoder=text(model.text_dims[0]), text_encoder_2=text(model.text_dims[1], proj=True),
             tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=sched, force_zeros_for_empty_prompt=False)
     pipe.set_progress_bar_config(disable=True)
-    pipe.to(device, dtype)
-    pipe.unet.to(memory_format=torch.channels_last)
+    if (torch.device(device), dtype) != (torch.device("cpu"), torch.float32):  # as built (and no cast warning)
+        pipe.to(device, dtype)
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
     return pipe
 
 
