@@ -345,7 +345,7 @@ def cmd_calibrate(args):
     check_device(args.device)
     check_model(args.model)
     pipe = load_model(args.model, args.device)
-    calib = calibrate(pipe, args.recipe, prompts, args.steps, args.budget, args.seed, default_guidance(args),
+    calib = calibrate(pipe, recipe, prompts, args.steps, args.budget, args.seed, default_guidance(args),
                       args.batch_size, not args.unconstrained, source, refine=args.refine,
                       refine_prompts=args.refine_prompts, refine_evals=args.refine_evals)
     if state().is_main_process:
