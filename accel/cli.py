@@ -135,21 +135,49 @@ def check_model(model: str | None) -> str:
     return model  # a hub id: diffusers downloads it
 
 
-def load_model(model: str | None, device: str = "cpu"):
-    """``"miniature"`` (default) or a diffusers pipeline folder / hub id -> a pipeline on ``device``."""
+def check_scheduler(name: str | None) -> str | None:
+    """``--scheduler``: a diffusers scheduler class that Stable Diffusion pipelines take, else a one-line error."""
+    if name is None:
+        return None
+    from diffusers.schedulers import KarrasDiffusionSchedulers
+
+    valid = [s.name for s in KarrasDiffusionSchedulers]
+    if name not in valid:
+        raise UsageError(f"--scheduler {name}: not a diffusers scheduler for Stable Diffusion pipelines; one of "
+                         f"{', '.join(sorted(valid))}")
+    return name
+
+
+def load_model(model: str | None, device: str = "cpu", scheduler: str | None = None, calibrated_with: str | None = None):
+    """``"miniature"`` (default) or a diffusers pipeline folder / hub id -> a pipeline on ``device``; with
+    ``scheduler`` (a diffusers class name) its scheduler replaced by that one, from the model's scheduler config
+    (as ``pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`` does). A calibration
+    made with another scheduler (``calibrated_with``) is a one-line error that names the flag, before any work."""
     model = check_model(model)
     if model == "miniature":
         from accel import miniature
 
-        return miniature.load_pipeline(device=device)
-    from accel.api import load_pipeline
+        pipe = miniature.load_pipeline(device=device)
+    else:
+        from accel.api import load_pipeline
 
-    try:
-        pipe = load_pipeline(model)
-    except (OSError, ValueError) as e:  # missing weights, no network, a broken folder
-        raise UsageError(f"--model {model}: cannot load it ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+        try:
+            pipe = load_pipeline(model)
+        except (OSError, ValueError) as e:  # missing weights, no network, a broken folder
+            raise UsageError(f"--model {model}: cannot load it ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        pipe.set_progress_bar_config(disable=True)
+        pipe = pipe.to(device)
+    if scheduler is not None and type(pipe.scheduler).__name__ != scheduler:
+        import diffusers
+
+        if scheduler not in {c.__name__ for c in pipe.scheduler.compatibles}:
+            raise UsageError(f"--scheduler {scheduler}: this model's {type(pipe.scheduler).__name__} config does not "
+                             f"carry over to it")
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    if calibrated_with is not None and type(pipe.scheduler).__name__ != calibrated_with:
+        raise UsageError(f"this calibration was made with {calibrated_with}, the model's scheduler is "
+                         f"{type(pipe.scheduler).__name__}: add --scheduler {calibrated_with} or recalibrate")
+    return pipe
 
 
 def default_guidance(args) -> float:
@@ -163,15 +191,16 @@ def default_guidance(args) -> float:
 
 def _recipe_and_calibration(args, guidance: float):
     """The recipe (loaded: an unknown one fails here) and, with ``--calibration``, a check that it is one, that
-    the recipe uses it, and that it was made at this step count and guidance (on/off: error; another scale: a
-    warning, given at the first pipeline call)."""
+    the recipe uses it, and that it was made at this step count, guidance (on/off: error; another scale: a
+    warning, given at the first pipeline call) and ``--scheduler``; returns the recipe and the scheduler class
+    the calibration was made with (``None`` without one)."""
     recipe = calib = None
     if args.recipe:
         from accel.recipe import load
 
         recipe = load(args.recipe)
     if args.calibration is None:
-        return recipe
+        return recipe, None
     from accel.calibration import Calibration, uses_calibration
 
     calib = Calibration.load(args.calibration)
@@ -186,10 +215,14 @@ def _recipe_and_calibration(args, guidance: float):
         raise UsageError(f"this calibration was made for {sched['steps']} steps ({sched.get('unet_calls')} UNet calls per "
                          f"pipeline call), this run has --steps {args.steps}: use --steps {sched['steps']} or recalibrate "
                          f"with --steps {args.steps}")
+    made_with = sched.get("class")
+    if args.scheduler is not None and made_with is not None and made_with != args.scheduler:
+        raise UsageError(f"this calibration was made with {made_with}, this run has --scheduler {args.scheduler}: use "
+                         f"--scheduler {made_with} or recalibrate with --scheduler {args.scheduler}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the warning comes once, at the first pipeline call
         calib.check_guidance(guidance)
-    return recipe
+    return recipe, made_with
 
 
 def _clip_scorer(spec: str):
@@ -231,8 +264,9 @@ def _shared_token() -> str:
     return gather([uuid.uuid4().hex[:12]])[0]
 
 
-def _describe(args, report: dict, handle=None):
+def _describe(args, report: dict, pipe, handle=None):
     report["model"] = args.model or "miniature"
+    report["scheduler"] = type(pipe.scheduler).__name__
     report["recipe"] = args.recipe
     report["calibration"] = str(Path(args.calibration).resolve()) if args.calibration else None
     if handle is not None:  # what the recipe spent, summed over the processes
@@ -259,9 +293,10 @@ def cmd_generate(args):
     check_device(args.device)
     check_model(args.model)
     settings = _settings(args)
-    recipe = _recipe_and_calibration(args, settings.guidance)
+    check_scheduler(args.scheduler)
+    recipe, made_with = _recipe_and_calibration(args, settings.guidance)
     scorer = _clip_scorer(args.clip)
-    pipe = load_model(args.model, args.device)
+    pipe = load_model(args.model, args.device, args.scheduler, made_with)
     handle = _apply_recipe(pipe, args, recipe)
     from accel.dist import state
 
@@ -271,7 +306,7 @@ def cmd_generate(args):
         report = runner.evaluate(pipe, prompts, settings, clip=scorer, out_dir=tmp)
         for im in report["images"]:
             im["path"] = str(Path(args.out) / Path(im["path"]).name)
-        _describe(args, report, handle)
+        _describe(args, report, pipe, handle)
         if main:
             runner.write_report(report, tmp / runner.REPORT)
     if main:
@@ -299,9 +334,10 @@ def cmd_eval(args):
     check_device(args.device)
     check_model(args.model)
     settings = _settings(args)
-    recipe = _recipe_and_calibration(args, settings.guidance)
+    check_scheduler(args.scheduler)
+    recipe, made_with = _recipe_and_calibration(args, settings.guidance)
     scorer = _clip_scorer(args.clip)
-    pipe = load_model(args.model, args.device)
+    pipe = load_model(args.model, args.device, args.scheduler, made_with)
     handle = _apply_recipe(pipe, args, recipe)
     from accel.dist import state
 
@@ -311,7 +347,7 @@ def cmd_eval(args):
     with folder as tmp:
         report = runner.evaluate(pipe, prompts, settings, clip=scorer, out_dir=tmp, progress=not args.quiet)
         report["prompts_file"] = str(args.prompts) if args.prompts else "miniature grammar (held-out stream)"
-        _describe(args, report, handle)
+        _describe(args, report, pipe, handle)
         if tmp is not None:
             for im in report["images"]:
                 im["path"] = str(Path(args.save_images) / Path(im["path"]).name)
@@ -344,7 +380,8 @@ def cmd_calibrate(args):
         check_refine_prompts(args.refine_prompts, len(prompts))
     check_device(args.device)
     check_model(args.model)
-    pipe = load_model(args.model, args.device)
+    check_scheduler(args.scheduler)
+    pipe = load_model(args.model, args.device, args.scheduler)
     calib = calibrate(pipe, recipe, prompts, args.steps, args.budget, args.seed, default_guidance(args),
                       args.batch_size, not args.unconstrained, source, refine=args.refine,
                       refine_prompts=args.refine_prompts, refine_evals=args.refine_evals)
@@ -405,6 +442,12 @@ def _device_and_threads(p):
     p.add_argument("--threads", type=_int_at_least(1), default=1, help="torch intra-op threads (default 1)")
 
 
+def _scheduler_arg(p):
+    p.add_argument("--scheduler", help="sample with this diffusers scheduler instead of the model's, e.g. "
+                   "DPMSolverMultistepScheduler or EulerDiscreteScheduler (made from the model's scheduler config; a "
+                   "calibration is made for one scheduler)")
+
+
 def _common(p, num_images_default=None):
     p.add_argument("--model", default="miniature", help="'miniature' (default) or a diffusers pipeline folder/id")
     p.add_argument("--recipe", help="acceleration recipe: a name in recipes/ (e.g. deepcache-i3) or a .toml file")
@@ -412,6 +455,7 @@ def _common(p, num_images_default=None):
     p.add_argument("--prompts", type=Path, help="text file, one prompt per line (default: miniature captions)")
     p.add_argument("--num-images", type=_int_at_least(1), default=num_images_default, help="number of images")
     p.add_argument("--steps", type=_int_at_least(1), default=50, help="inference steps (default 50)")
+    _scheduler_arg(p)
     p.add_argument("--guidance", type=_finite_float, help="classifier-free guidance scale (default: 3.0 for the "
                    "miniature, its recommended scale; 7.5 otherwise)")
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="image i uses seed SEED+i (default 0)")
@@ -433,6 +477,7 @@ def _calibrate_parser(sub):
     p.add_argument("--steps", type=_int_at_least(2), default=50,
                    help="inference steps of the pipeline calls the calibration is for (default 50); use it at the same "
                         "step count")
+    _scheduler_arg(p)
     p.add_argument("--budget", type=_int_at_least(1), nargs="+",
                    help="full UNet calls per pipeline call (default 10); several values refine a schedule for each, "
                         "the first is the artifact's default; only for recipes with a cache or calibrated inheritance")

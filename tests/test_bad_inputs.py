@@ -230,6 +230,7 @@ def test_generate_refuses_a_folder_it_did_not_write(capsys, no_work, precious):
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device cuda"),
     (["--model", "/nonexistent/model"], "no such folder"),
     (["--calibration", "/nonexistent/calib", "--recipe", "cachequant-dp"], "not a calibration folder"),
+    (["--scheduler", "DPMSolver"], "--scheduler DPMSolver: not a diffusers scheduler"),
 ])
 def test_generate_bad_arguments(capsys, no_work, tmp_path, args, needle):
     rc, _, err = cli(capsys, "generate", *args, "--out", tmp_path / "out")
@@ -265,6 +266,52 @@ def test_calibration_made_for_another_step_count_is_refused_before_work(capsys, 
     rc, _, err = cli(capsys, "eval", "--recipe", "cachequant-dp", "--calibration", calib_dir, "--steps", "6",
                      "--out", tmp_path / "r.json")
     one_line_error(rc, err, "made for 4 steps (5 UNet calls", "--steps 6")
+
+
+def test_calibration_made_with_another_scheduler_names_the_flag(capsys, no_images, calib_dir, tmp_path):
+    """The calibration was made with the miniature's PNDM: another --scheduler is refused before the model loads,
+    and a model whose own scheduler differs (here: --scheduler on calibrate) gets the flag to add."""
+    rc, _, err = cli(capsys, "generate", "--recipe", "cachequant-dp", "--calibration", calib_dir, "--steps", "4",
+                     "--scheduler", "EulerDiscreteScheduler", "--out", tmp_path / "o")
+    one_line_error(rc, err, "made with PNDMScheduler", "--scheduler EulerDiscreteScheduler", "--scheduler PNDMScheduler")
+    from accel.calibration import Calibration
+
+    other = tmp_path / "euler"
+    c = Calibration.load(calib_dir)
+    c.meta["scheduler"]["class"] = "EulerDiscreteScheduler"  # as if calibrated with --scheduler EulerDiscreteScheduler
+    c.save(other)
+    rc, _, err = cli(capsys, "eval", "--recipe", "cachequant-dp", "--calibration", other, "--steps", "4",
+                     "--out", tmp_path / "r.json")
+    one_line_error(rc, err, "made with EulerDiscreteScheduler", "PNDMScheduler", "add --scheduler EulerDiscreteScheduler",
+                   only_line=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["euler"]
+
+
+def test_scheduler_flag_samples_with_that_scheduler(capsys, tmp_path, monkeypatch):
+    """--scheduler swaps the model's scheduler (from its config) for calibrate, generate and eval, the calibration
+    records it and the report names it."""
+    from accel.eval import runner
+
+    seen = []
+    real = runner.generate
+
+    def spy(pipe, *a, **k):
+        seen.append(type(pipe.scheduler).__name__)
+        return real(pipe, *a, **k)
+
+    monkeypatch.setattr(runner, "generate", spy)
+    cal = tmp_path / "c"
+    rc, _, err = cli(capsys, "calibrate", "--recipe", "cachequant-dp", "--scheduler", "DPMSolverMultistepScheduler",
+                     "--steps", "4", "--budget", "2", "--num-prompts", "2", "--no-refine", "--out", cal)
+    assert rc == 0, err
+    assert json.loads((cal / "accel.json").read_text())["scheduler"]["class"] == "DPMSolverMultistepScheduler"
+    rc, _, err = cli(capsys, "eval", "--num-images", "1", "--steps", "4", "--recipe", "cachequant-dp", "--calibration",
+                     cal, "--scheduler", "DPMSolverMultistepScheduler", "--quiet", "--out", tmp_path / "r.json")
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["scheduler"] == "DPMSolverMultistepScheduler" and seen == ["DPMSolverMultistepScheduler"]
+    # DPM-Solver++ takes one UNet call per step (PNDM's 4 steps are 5 calls)
+    assert rep["unet_calls"]["unet_calls"] == 4 and rep["unet_calls"]["full"] == 2
 
 
 def test_w8a8_with_a_calibration_without_activation_scales(capsys, no_images, calib_dir, tmp_path):
