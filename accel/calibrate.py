@@ -446,11 +446,13 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
     elif refine and cache is not None:
         meta["cache"]["refined"] = {}
         ref_prompts = prompts[:refine_prompts]
-        for k in budgets:
+        smaller = None  # the refined schedule of the next smaller budget: more budget must not be worse
+        for k in sorted(set(budgets)):
             calib = Calibration(meta, tensors)
             dp = calib.cache(branch, k).dp_calls(k)
             r = refine_schedule(pipe, cache, calib, dp, ref_prompts, steps, seed, guidance, refine_evals, progress,
-                                quant=quant)
+                                quant=quant, smaller=smaller)
+            smaller = (r["schedule"], r["error_db"])
             tensors[refined_key(branch, k, cache.prediction)] = torch.tensor(r.pop("schedule"), dtype=torch.int64)
             meta["cache"]["refined"][refined_name(k, cache.prediction)] = r
     full = Calibration(meta, tensors).cache(branch, budget).full_calls(n, budget, cache.prediction if cache else None)
@@ -525,7 +527,8 @@ def calibrate_threshold(pipe, cache: FeatureCache, calib: Calibration, budgets: 
 
 
 def refine_schedule(pipe, cache: FeatureCache, calib: Calibration, start: list[int], prompts: list[str], steps: int,
-                    seed: int, guidance: float, max_evals: int = 60, progress: bool = True, quant=None) -> dict:
+                    seed: int, guidance: float, max_evals: int = 60, progress: bool = True, quant=None,
+                    smaller: tuple[list[int], float] | None = None) -> dict:
     """Refine a cache schedule on what it is for: the error of the final sample.
 
     The DP (CacheQuant's DPS) minimises a proxy, the summed feature distance of each cached call to its group's
@@ -539,6 +542,11 @@ def refine_schedule(pipe, cache: FeatureCache, calib: Calibration, start: list[i
     uncached ones (:func:`accel.schedules.refine`). The objective is the mean over images of
     ``10 log10 MSE(latent, uncached latent)`` (dB, lower is better): a latent-space negative PSNR. ``dp_error_db``
     in the result is the DP schedule's value (the refinement is never worse on these prompts).
+
+    The search starts from the DP's schedule and from the even one. ``smaller`` is the refined schedule of a smaller
+    budget and its error on the same prompts: when both searches end worse than it (more full calls, a larger
+    error: a poorer local optimum), a third starts from that schedule with the extra full calls added in its
+    longest cached runs (:func:`accel.schedules.extend`), so that more budget is not worse on these prompts.
     Every process runs the same search on the same prompts, so the result does not depend on the process count.
     """
     from .api import apply
@@ -577,6 +585,12 @@ def refine_schedule(pipe, cache: FeatureCache, calib: Calibration, start: list[i
             tick = lambda count: bar.update(done + count - bar.n)
             found[name] = schedules.refine(s, error_db, n, max_evals, tol=0.01, progress=tick)
             done += found[name][2]
+        if smaller is not None and min(v[1] for v in found.values()) > smaller[1]:
+            bar.total += max_evals
+            tick = lambda count: bar.update(done + count - bar.n)
+            found["smaller"] = schedules.refine(schedules.extend(smaller[0], len(start), n), error_db, n, max_evals,
+                                                tol=0.01, progress=tick)
+            done += found["smaller"][2]
     finally:
         bar.close()
     best = min(found, key=lambda k: found[k][1])

@@ -42,6 +42,20 @@ def even(n: int, k: int) -> list[int]:
     return validate([round(i * n / k) for i in range(k)], n)
 
 
+def extend(schedule, k: int, n: int) -> list[int]:
+    """``schedule`` with full calls added until it has ``k``: each one in the middle of the longest run of cached
+    calls (the latest of equal ones, as the last calls move the final sample most; the run after the last full call
+    counts too). A schedule for a larger budget that keeps every full call of a smaller one."""
+    s = validate(schedule, n)
+    if not len(s) <= k <= n:
+        raise ValueError(f"cannot extend {len(s)} full calls to {k} of {n}")
+    while len(s) < k:
+        ends = s[1:] + [n]
+        i = max(range(len(s)), key=lambda j: (ends[j] - s[j], j))
+        s = sorted(s + [s[i] + (ends[i] - s[i]) // 2])
+    return s
+
+
 def quadratic(n: int, interval: int, center: int = 15, power: float = 1.4) -> list[int]:
     """DeepCache's non-uniform schedule: ``ceil(n / interval)`` full calls, spaced by a power law around
     ``center`` (DeepCache's ``sample_from_quad_center`` with its defaults, reproduced literally: its

@@ -114,6 +114,27 @@ def test_several_budgets_and_no_refinement(tokenizer_dir):
         calibrate(pipe, "cachequant-dp", PROMPTS[:2], steps=10, budget=[3, 11], batch_size=2, progress=False)
 
 
+def test_a_larger_budget_that_refines_worse_than_a_smaller_one_restarts_from_it(calibrated, monkeypatch):
+    """refine_schedule's third start: only when both searches end worse than the smaller budget's schedule (its error
+    on the same prompts), from that schedule extended to this budget; the best of the searches is kept."""
+    from accel import calibrate as cal_mod
+    from accel import schedules
+
+    pipe, path = calibrated
+    c = Calibration.load(path)
+    starts, real = [], schedules.refine
+    monkeypatch.setattr(cal_mod.schedules, "refine", lambda s, *a, **k: starts.append(list(s)) or real(s, *a, **k))
+    fc = accel.FeatureCache(schedule="calibrated")
+    kw = dict(steps=12, seed=0, guidance=7.5, max_evals=4, progress=False)
+    dp = c.cache(0).dp_calls(5)
+    r = cal_mod.refine_schedule(pipe, fc, c, dp, PROMPTS[:2], smaller=([0, 6, 9], float("inf")), **kw)
+    assert len(starts) == 2 and r["from"] in ("dp", "uniform")  # better than the smaller budget: as before
+    starts.clear()
+    r = cal_mod.refine_schedule(pipe, fc, c, dp, PROMPTS[:2], smaller=([0, 6, 9], -1e9), **kw)
+    assert len(starts) == 3 and starts[2] == schedules.extend([0, 6, 9], 5, 12) == [0, 3, 6, 9, 10]
+    assert r["from"] in ("dp", "uniform", "smaller") and len(r["schedule"]) == 5 and r["evals"] <= 12
+
+
 def test_calibrated_schedule_and_dec_run(calibrated):
     pipe, path = calibrated
     kw = dict(steps=12)

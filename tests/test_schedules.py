@@ -118,3 +118,26 @@ def test_refine_finds_the_optimum_of_a_separable_objective_and_respects_the_budg
     calls = []
     got, val, evals = schedules.refine([0, 6, 12, 18, 24], lambda s: calls.append(1) or f(s), n, max_evals=5)
     assert evals == len(calls) == 5 and val < f([0, 6, 12, 18, 24])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_extend_keeps_the_smaller_schedule_and_splits_its_longest_runs(data):
+    n = data.draw(st.integers(2, 60))
+    small = sorted({0} | set(data.draw(st.lists(st.integers(1, n - 1), max_size=n - 1))))
+    k = data.draw(st.integers(len(small), n))
+    got = schedules.extend(small, k, n)
+    assert got == sorted(set(got)) and len(got) == k and got[0] == 0 and got[-1] < n
+    assert set(small) <= set(got)
+    gaps = lambda s: max(b - a for a, b in zip(s, s[1:] + [n]))
+    assert gaps(got) <= gaps(small)
+
+
+def test_extend_examples_and_bad_budgets():
+    assert schedules.extend([0, 5, 9, 17, 23], 7, 25) == [0, 5, 9, 13, 17, 20, 23]  # 9..17 first, then 17..23
+    assert schedules.extend([0], 4, 10) == [0, 2, 5, 7]
+    assert schedules.extend([0, 2], 2, 4) == [0, 2]
+    with pytest.raises(ValueError, match="cannot extend"):
+        schedules.extend([0, 2, 3], 2, 4)
+    with pytest.raises(ValueError, match="cannot extend"):
+        schedules.extend([0], 5, 4)
