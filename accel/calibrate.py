@@ -577,20 +577,20 @@ def refine_schedule(pipe, cache: FeatureCache, calib: Calibration, start: list[i
     n = calib.cache(cache.branch).n
     starts = {"dp": list(start), "uniform": schedules.even(n, len(start))}
     bar = tqdm(total=max_evals * len(starts), desc=f"refine schedule ({len(start)} full)", disable=not progress)
-    found, done = {}, 0
+    found = {}
+
+    def search(name, s):
+        done = bar.n  # the evaluations of the searches before this one
+        found[name] = schedules.refine(s, error_db, n, max_evals, tol=0.01,
+                                       progress=lambda count: bar.update(done + count - bar.n))
+
     try:
         for name, s in starts.items():
-            if name != "dp" and s == starts["dp"]:
-                continue
-            tick = lambda count: bar.update(done + count - bar.n)
-            found[name] = schedules.refine(s, error_db, n, max_evals, tol=0.01, progress=tick)
-            done += found[name][2]
+            if name == "dp" or s != starts["dp"]:
+                search(name, s)
         if smaller is not None and min(v[1] for v in found.values()) > smaller[1]:
             bar.total += max_evals
-            tick = lambda count: bar.update(done + count - bar.n)
-            found["smaller"] = schedules.refine(schedules.extend(smaller[0], len(start), n), error_db, n, max_evals,
-                                                tol=0.01, progress=tick)
-            done += found["smaller"][2]
+            search("smaller", schedules.extend(smaller[0], len(start), n))
     finally:
         bar.close()
     best = min(found, key=lambda k: found[k][1])
