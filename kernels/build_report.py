@@ -1,11 +1,19 @@
 """What a GPU would run, measured without one: compile every Triton kernel variant in every autotune config for
 sm_80 (A100) and sm_90a (H100) on this machine and read registers, spills and shared memory from ``ptxas``.
 
-    python -m accel.kernels.build_report --out DIR [--arch 80 90] [--only VARIANT ...] [--configs LABEL ...] [--jobs N]
+    python -m accel.kernels.build_report --out DIR [--arch 80 89 90] [--only VARIANT ...] [--configs LABEL ...]
+                                         [--jobs N]
 
 writes ``DIR/<variant>.<config>.sm_<arch>.ptx`` and ``DIR/report.json``: one row per build with the kernel,
-variant, config, arch, registers, spill store/load bytes, shared memory (Triton's allocation), and the count of
-int8 tensor-core instructions in the PTX (``mma.sync ... .s8`` on sm_80, ``wgmma ... .s8`` on sm_90a).
+variant, config, arch, registers, spill store/load bytes, shared memory (Triton's allocation), the int8
+tensor-core instructions in the PTX counted apart (``wgmma.mma_async ... .s8``, Hopper's, and ``mma.sync ...
+.s8``, what sm_80/sm_89 run and what sm_90a falls back to when a config does not meet wgmma's conditions), the
+``cp.async`` copies (a pipelined K loop), and Triton's diagnostics that mean a slow dot (a remark that MMA v3 was
+not applied; a warning that an operand is transposed in registers before shared memory, which also turns off
+its pipelined load). The configs are the autotuner's for each arch (:func:`.triton_kernels.tile_configs`).
+It prints one line per arch and exits with 1 when a build spills, a GEMM/conv build has no int8 tensor-core
+instruction, an sm_90a GEMM/conv build has no wgmma or a transposed operand, or a build needs more shared
+memory than its arch has per block.
 Triton compiles for an explicit ``GPUTarget`` with no driver, and its wheel ships ``ptxas``. The variants are the
 specialisations the quantized UNet launches (pointer alignment and ``stride == 1`` as Triton specialises them
 at launch). Compilation needs Triton out of its interpreter, so the report runs in a child process with
@@ -24,8 +32,16 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-ARCHS = (80, 90)
-_INT8_MMA = re.compile(r"^\s*(?:mma\.sync\S*|wgmma\.mma_async\S*)\.s8\b", re.M)
+ARCHS = (80, 90)  # the default; 89 (Ada: L4, L40, RTX 40) on request
+ARCH_CHOICES = (80, 86, 89, 90)
+# the most dynamic shared memory one block may have (bytes): A100 163 KB, sm_86/sm_89 99 KB, H100/H200 227 KB
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+_WGMMA = re.compile(r"^\s*wgmma\.mma_async\S*\.s8\b", re.M)
+_MMA_SYNC = re.compile(r"^\s*mma\.sync\S*\.s8\b", re.M)
+_CP_ASYNC = re.compile(r"^\s*cp\.async\.(?:ca|cg)\b", re.M)
+# Triton's diagnostics (MLIR_ENABLE_DIAGNOSTICS) that mean the dot did not get the fast path
+_NO_MMA_V3 = "MMA version 3 acceleration not applied"
+_TRANSPOSED = "Forcing a different order"
 
 # ---------------------------------------------------------------------------------------------- variants
 # name -> (kernel, pointer dtypes, ints divisible by 16, constexprs (besides the config's))
@@ -114,16 +130,17 @@ def _jit_fn(kernel):
     return kernel
 
 
-def _configs(kernel, channels: int | None = None):
-    """``[(label, constexprs, num_warps, num_stages)]``: the autotuner's configs (for a conv, those it keeps
-    for ``channels`` input channels), or the one plain launch."""
+def _configs(kname, kernel, arch: int, channels: int | None = None):
+    """``[(label, constexprs, num_warps, num_stages)]``: the autotuner's configs on ``arch`` (for a conv, those
+    it keeps for ``channels`` input channels), or the one plain launch."""
     import triton
 
-    from .triton_kernels import conv_configs
+    from .triton_kernels import conv_configs, tile_configs
 
     if isinstance(kernel, triton.runtime.Autotuner):
+        configs = tile_configs(kname, arch)
         out = []
-        for c in (conv_configs(kernel.configs, channels) if channels is not None else kernel.configs):
+        for c in (conv_configs(configs, channels) if channels is not None else configs):
             kw = c.kwargs
             label = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}w{c.num_warps}s{c.num_stages}"
             out.append((label, dict(kw), c.num_warps, c.num_stages))
@@ -138,10 +155,11 @@ def builds(only: list[str] | None = None, archs=ARCHS, configs: list[str] | None
         if only and not any(name == o or name.startswith(o + ".") for o in only):
             continue
         channels = 4 if name.endswith(".c4") else 320  # what the conv's autotuner keeps for this variant
-        for label, cfg, warps, stages in _configs(kernels[kname][0], channels if kname == "conv" else None):
-            if configs and not any(label.startswith(c) for c in configs):
-                continue
-            for arch in archs:
+        for arch in archs:
+            for label, cfg, warps, stages in _configs(kname, kernels[kname][0], arch,
+                                                      channels if kname == "conv" else None):
+                if configs and not any(label.startswith(c) for c in configs):
+                    continue
                 out.append((name, kname, ptrs, flags, label, cfg, warps, stages, arch))
     return out
 
@@ -180,10 +198,11 @@ def compile_one(job, out_dir: str, generic: bool = False) -> dict:
             signature[arg] = "i32"
             if arg in divisible and not generic:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+    gpu = arch_name(arch)
     t0 = time.time()
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=warps, num_stages=stages))
+    compiled, diagnostics = _with_diagnostics(
+        lambda: triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                               options=dict(num_warps=warps, num_stages=stages)))
     ptx = compiled.asm["ptx"]
     path = Path(out_dir) / f"{name}.{label}.{gpu}{'.generic' if generic else ''}.ptx"
     path.write_text(ptx)
@@ -198,8 +217,42 @@ def compile_one(job, out_dir: str, generic: bool = False) -> dict:
                 registers=int(regs.group(1)) if regs else None,
                 spill_store_bytes=sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log)),
                 spill_load_bytes=sum(int(x) for x in re.findall(r"(\d+) bytes spill loads", log)),
-                shared_bytes=int(compiled.metadata.shared),
-                int8_mma=len(_INT8_MMA.findall(ptx)), ptx=path.name, compile_s=round(time.time() - t0, 2))
+                shared_bytes=int(compiled.metadata.shared), shared_limit_bytes=SMEM_LIMIT.get(arch),
+                wgmma=len(_WGMMA.findall(ptx)), mma_sync=len(_MMA_SYNC.findall(ptx)),
+                int8_mma=len(_WGMMA.findall(ptx)) + len(_MMA_SYNC.findall(ptx)), cp_async=len(_CP_ASYNC.findall(ptx)),
+                mma_v3_not_applied=_NO_MMA_V3 in diagnostics, operand_transposed=_TRANSPOSED in diagnostics,
+                ptx=path.name, compile_s=round(time.time() - t0, 2))
+
+
+def arch_name(arch: int) -> str:
+    return "sm_90a" if arch == 90 else f"sm_{arch}"  # 90a: the wgmma instructions
+
+
+def _with_diagnostics(compile_fn):
+    """``(compile_fn(), what MLIR printed)``: Triton's warnings and remarks are switched on and this process's
+    stderr (fd 2, where the C++ passes write) goes to a file for the call; a failed compile prints it."""
+    saved_env = os.environ.get("MLIR_ENABLE_DIAGNOSTICS")
+    os.environ["MLIR_ENABLE_DIAGNOSTICS"] = "warnings,remarks"
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        failed = True
+        try:
+            result = compile_fn()
+            failed = False
+        finally:
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            if saved_env is None:
+                os.environ.pop("MLIR_ENABLE_DIAGNOSTICS", None)
+            else:
+                os.environ["MLIR_ENABLE_DIAGNOSTICS"] = saved_env
+            log.seek(0)
+            text = log.read().decode(errors="replace")
+            if failed:
+                sys.stderr.write(text[-20000:])
+        return result, text
 
 
 def _compile_star(args):
@@ -231,26 +284,77 @@ def _triton_version():
     return triton.__version__
 
 
+def _name(r):
+    return f"{r['variant']} {r['config']} {r['arch']}"
+
+
 def summary(rows: list[dict]) -> dict:
-    spilling = [f"{r['variant']} {r['config']} {r['arch']}" for r in rows if r["spill_store_bytes"] or r["spill_load_bytes"]]
-    no_mma = [f"{r['variant']} {r['config']} {r['arch']}" for r in rows
-              if r["kernel"] in TENSOR_CORE_KERNELS and r["int8_mma"] == 0]
+    """Totals and the builds that fail a check, overall and per arch (``per_arch``); ``problems`` counts every
+    failing build once per check (0: clean)."""
+    tc = [r for r in rows if r["kernel"] in TENSOR_CORE_KERNELS]
+    spilling = [_name(r) for r in rows if r["spill_store_bytes"] or r["spill_load_bytes"]]
+    no_mma = [_name(r) for r in tc if r["int8_mma"] == 0]
+    hopper = [r for r in tc if r["arch"] == "sm_90a"]
+    no_wgmma = [_name(r) for r in hopper if r.get("wgmma", 0) == 0]
+    transposed = [_name(r) for r in tc if r.get("operand_transposed")]
+    over_smem = [_name(r) for r in rows if r.get("shared_limit_bytes") and r["shared_bytes"] > r["shared_limit_bytes"]]
+    per_arch = {}
+    for arch in sorted({r["arch"] for r in rows}):
+        mine = [r for r in rows if r["arch"] == arch]
+        mine_tc = [r for r in mine if r["kernel"] in TENSOR_CORE_KERNELS]
+        per_arch[arch] = {
+            "builds": len(mine), "tensor_core_builds": len(mine_tc),
+            "wgmma_builds": sum(1 for r in mine_tc if r.get("wgmma", 0) > 0),
+            "mma_sync_builds": sum(1 for r in mine_tc if r.get("mma_sync", 0) > 0),
+            "max_registers": max((r["registers"] or 0) for r in mine),
+            "spilling": sum(1 for r in mine if r["spill_store_bytes"] or r["spill_load_bytes"]),
+            "max_shared_bytes": max(r["shared_bytes"] for r in mine)}
     return {"builds": len(rows), "spilling": spilling, "tensor_core_kernels_without_int8_mma": no_mma,
-            "max_registers": max((r["registers"] or 0) for r in rows) if rows else 0}
+            "sm_90a_tensor_core_kernels_without_wgmma": no_wgmma, "operand_transposed": transposed,
+            "over_shared_memory": over_smem,
+            "max_registers": max((r["registers"] or 0) for r in rows) if rows else 0, "per_arch": per_arch,
+            "problems": len(spilling) + len(no_mma) + len(no_wgmma) + len(transposed) + len(over_smem)}
+
+
+def summary_lines(s: dict) -> list[str]:
+    """One line per arch, e.g. ``sm_90a: 93/93 GEMM/conv builds use wgmma (0 mma.sync), 97 builds, max 255
+    registers, max 147456 B shared, 0 spills``, then the failing builds by check and a total."""
+    lines = []
+    for arch, a in s["per_arch"].items():
+        if arch == "sm_90a":
+            mma = (f"{a['wgmma_builds']}/{a['tensor_core_builds']} GEMM/conv builds use wgmma "
+                   f"({a['mma_sync_builds']} mma.sync)")
+        else:
+            mma = f"{a['mma_sync_builds']}/{a['tensor_core_builds']} GEMM/conv builds use mma.sync"
+        lines.append(f"{arch}: {mma}, {a['builds']} builds, max {a['max_registers']} registers, max "
+                     f"{a['max_shared_bytes']} B shared, {a['spilling']} spills")
+    checks = [("spilling", "spill"), ("tensor_core_kernels_without_int8_mma", "GEMM/conv without int8 tensor cores"),
+              ("sm_90a_tensor_core_kernels_without_wgmma", "sm_90a GEMM/conv without wgmma"),
+              ("operand_transposed", "operand transposed in registers (no pipelined load)"),
+              ("over_shared_memory", "more shared memory than the arch has per block")]
+    for key, what in checks:
+        if s[key]:
+            more = " ..." if len(s[key]) > 10 else ""
+            lines.append(f"FAIL {what}: {len(s[key])}: " + "; ".join(s[key][:10]) + more)
+    lines.append(f"{s['builds']} builds, max {s['max_registers']} registers: "
+                 + ("all checks pass" if not s["problems"] else f"{s['problems']} failing checks"))
+    return lines
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| variant | config | arch | regs | spill st/ld B | smem B | int8 mma |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | config | arch | regs | spill st/ld B | smem B | wgmma | mma.sync | cp.async |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['config']} | {r['arch']} | {r['registers']} | {r['spill_store_bytes']}/"
-                     f"{r['spill_load_bytes']} | {r['shared_bytes']} | {r['int8_mma']} |")
+                     f"{r['spill_load_bytes']} | {r['shared_bytes']} | {r['wgmma']} | {r['mma_sync']} | "
+                     f"{r['cp_async']} |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m accel.kernels.build_report", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for the PTX files and report.json (created)")
-    p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
+    p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCH_CHOICES)
     p.add_argument("--only", nargs="+", help=f"variant names or prefixes (of: {', '.join(VARIANTS)})")
     p.add_argument("--configs", nargs="+", help="tile configs whose label starts with these (e.g. 128x128)")
     p.add_argument("--jobs", type=int, default=1, help="parallel compilations")
@@ -264,10 +368,10 @@ def main(argv=None):
     rows = run(args.out, args.only, tuple(args.arch), args.jobs, args.configs, args.generic)
     print(table(rows))
     s = summary(rows)
-    print(f"\n{s['builds']} builds, max {s['max_registers']} registers; spilling: {len(s['spilling'])}; "
-          f"GEMM/conv builds without int8 tensor-core instructions: {len(s['tensor_core_kernels_without_int8_mma'])}")
+    print()
+    print("\n".join(summary_lines(s)))
     print(f"wrote {Path(args.out) / 'report.json'}")
-    return 0
+    return 1 if s["problems"] else 0
 
 
 if __name__ == "__main__":

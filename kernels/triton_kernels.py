@@ -30,7 +30,8 @@ How they are written (Triton's matmul tutorial and production int8 GEMMs):
 * Numerics shared with :mod:`.reference`: round half away from zero by floor/ceil, IEEE division
   (``div_rn``), clamp before every int8 cast, masked loads with ``other=0`` and quantized padding forced to 0.
 
-Autotuning uses several configs on GPU and exactly one under the interpreter (:data:`INTERPRET`).
+Autotuning uses several configs on GPU, those of the device's MMA family chosen at import (:func:`tile_configs`:
+wgmma tiles on Hopper, mma.sync tiles on sm_80/sm_89), and exactly one under the interpreter (:data:`INTERPRET`).
 """
 from __future__ import annotations
 
@@ -44,30 +45,82 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INT32_LIMIT = 2 ** 31
 
 
-def _configs(gpu: list[dict], interp: dict, warps=4, stages=3, group_m=8):
-    if INTERPRET:
-        return [triton.Config(dict(interp, GROUP_M=2), num_warps=1, num_stages=1)]
+def device_arch() -> int | None:
+    """The compute capability of the current CUDA device as ``major * 10 + minor`` (80 A100, 89 L4/L40, 90 H100/
+    H200), or None under the interpreter or without a CUDA device."""
+    if INTERPRET or not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def uses_wgmma(arch: int | None) -> bool:
+    """Whether ``arch`` runs int8 ``tl.dot`` as Hopper's wgmma (sm_90a): everything else with int8 tensor cores
+    (sm_80, sm_86, sm_89, and sm_100, whose tcgen05 MMA has no int8 path in Triton) runs ``mma.sync``."""
+    return arch is not None and arch // 10 == 9
+
+
+# Tile configs (the autotuner's search space) per MMA family, kept when `python -m accel.kernels.build_report`
+# shows, for every kernel variant, no spills and the int8 tensor-core instruction the family is for.
+# ``warps``/``stages`` default to 4 and 3.
+#
+# wgmma (sm_90a). Triton (3.8: supportMMA(version 3), AccelerateMatmul) lowers an int8 (s8 x s8 -> s32) tl.dot
+# to wgmma only when num_warps % 4 == 0, BLOCK_M % 64 == 0, BLOCK_N % 8 == 0 and BLOCK_K >= 32 (one k32
+# instruction); otherwise it falls back to mma.sync with no error (a 32-row tile did). wgmma reads B from shared
+# memory, and for 8-bit types only K-major (the instruction transposes 16-bit types only): W is (N, K) with K
+# contiguous and both kernels load its (BLOCK_K, BLOCK_N) tile K fastest, so the shared layout is the load's and
+# B stays an async, pipelined copy (the report fails a build with Triton's "Forcing a different order" warning).
+# 3-4 stages as in Triton's Hopper matmul tutorial; BLOCK_K 128 is one 128-byte swizzle row of int8 (BLOCK_K 64
+# kept for K = 320, the most frequent). The 128x64x128 tile needs 8 warps: with 4, the fused-quantization
+# variants spill (a 128x128 float A tile in registers).
+# mma (sm_80, sm_89 and the rest): the tiles measured before, with a 32-row tile for short GEMMs (text tokens);
+# at most 80 KB of shared memory (the fused-quantization variants' float A tiles), under sm_89's 99 KB per block.
+# Both families have one 128x128 tile per kernel and the same number of configs (what the report's tests select
+# and compare across archs).
+_TILES = {
+    "gemm": {
+        "wgmma": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, warps=8, stages=4),
+                  dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, warps=8, stages=3),
+                  dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, stages=4),
+                  dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, warps=8, stages=4),
+                  dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, stages=4)],
+        "mma": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, warps=8), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+                dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, stages=4),
+                dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, stages=4)]},
+    # BLOCK_K 64 for the UNet's channel counts (multiples of 64), 32 for few channels (conv_in's 4): see conv_configs
+    "conv": {
+        "wgmma": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, warps=8, stages=4),
+                  dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, stages=4),
+                  dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, stages=4),
+                  dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, stages=4),
+                  dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, warps=8), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)],
+        "mma": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, warps=8), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+                dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, warps=8), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
+                dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, warps=8), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)]},
+}
+
+
+def interpret_configs() -> list[triton.Config]:
+    """The interpreter's (CPU tests): one small config, so a test's programs take a few loop steps each."""
+    return [triton.Config(dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2), num_warps=1, num_stages=1)]
+
+
+def tile_configs(kernel: str, arch: int | None, group_m: int = 8) -> list[triton.Config]:
+    """The GPU autotune configs of ``kernel`` (``"gemm"`` or ``"conv"``) for compute capability ``arch``
+    (:func:`uses_wgmma` picks the family; None, no device: the wgmma tiles, valid on every arch)."""
+    family = "wgmma" if arch is None or uses_wgmma(arch) else "mma"
     out = []
-    for c in gpu:
+    for c in _TILES[kernel][family]:
         c = dict(c)
-        w, s = c.pop("warps", warps), c.pop("stages", stages)
+        w, s = c.pop("warps", 4), c.pop("stages", 3)
         out.append(triton.Config(dict(c, GROUP_M=group_m), num_warps=w, num_stages=s))
     return out
 
 
-# Tile configs are kept when `python -m accel.kernels.build_report` shows no spills on sm_80 and sm_90a.
-GEMM_CONFIGS = _configs(
-    [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, warps=8), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
-     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, stages=4),
-     dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, stages=4)],
-    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32))
-
-# BLOCK_K 64 for the UNet's channel counts (multiples of 64), 32 for few channels (conv_in's 4): see conv_configs
-CONV_CONFIGS = _configs(
-    [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, warps=8), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
-     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, warps=8), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
-     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, warps=8), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)],
-    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32))
+# chosen once, at import, for the device this process runs on
+ARCH = device_arch()
+GEMM_CONFIGS = interpret_configs() if INTERPRET else tile_configs("gemm", ARCH)
+CONV_CONFIGS = interpret_configs() if INTERPRET else tile_configs("conv", ARCH)
 SMALL_C = 32
 
 

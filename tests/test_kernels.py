@@ -256,3 +256,107 @@ def test_quantize_table_any_strides():
         if x.dim() == 4 and x.stride(1) == 1:
             assert q.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(q, ref.quantize_static(x, qt[1, 0], 0, qt[1, 1]))
+
+
+# ----------------------------------------------------------------------------------- GPU builds (no GPU needed)
+def test_tile_configs_per_arch():
+    """Every config the autotuner sees on sm_90a meets Triton's conditions for an int8 wgmma (num_warps % 4, BLOCK_M
+    % 64, BLOCK_N % 8, BLOCK_K >= 32, 3-4 stages); sm_80/sm_89 keep their mma.sync tiles within sm_89's shared
+    memory; the interpreter (these tests) runs its one small config."""
+    from accel.kernels import triton_kernels as tk
+
+    assert tk.uses_wgmma(90) and not any(tk.uses_wgmma(a) for a in (80, 86, 89, 100, None))
+    for kernel in ("gemm", "conv"):
+        hopper = tk.tile_configs(kernel, 90)
+        for c in hopper:
+            kw = c.kwargs
+            assert c.num_warps % 4 == 0 and kw["BLOCK_M"] % 64 == 0 and kw["BLOCK_N"] % 8 == 0, c
+            assert kw["BLOCK_K"] >= 32 and c.num_stages in (3, 4), c
+        assert tk.conv_configs(hopper, 4) and tk.conv_configs(hopper, 320)  # conv_in's channels and the rest
+        assert [str(c) for c in tk.tile_configs(kernel, None)] == [str(c) for c in hopper]
+        for arch in (80, 89):
+            for c in tk.tile_configs(kernel, arch):
+                kw = c.kwargs
+                assert c.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] <= 99 * 1024, c
+    if tk.INTERPRET:
+        assert tk.ARCH is None
+        assert [c.kwargs for c in tk.GEMM_CONFIGS] == [c.kwargs for c in tk.CONV_CONFIGS] == \
+            [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)]
+
+
+def test_build_report_flags_builds_without_wgmma():
+    """The report's summary counts wgmma and mma.sync builds per arch and fails an sm_90a GEMM/conv build that
+    fell back to mma.sync, one that spills, one with a transposed operand, one over the arch's shared memory."""
+    from accel.kernels.build_report import summary, summary_lines
+
+    def row(arch, config, wgmma=0, mma=0, spill=0, transposed=False, shared=16384, kernel="gemm"):
+        return dict(kernel=kernel, variant=f"{kernel}.codes.fp16", config=config, arch=arch, registers=128,
+                    spill_store_bytes=spill, spill_load_bytes=spill, shared_bytes=shared, shared_limit_bytes=101376,
+                    wgmma=wgmma, mma_sync=mma, int8_mma=wgmma + mma, operand_transposed=transposed)
+
+    clean = [row("sm_80", "a", mma=16), row("sm_90a", "a", wgmma=2), row("sm_90a", "b", wgmma=4, kernel="conv"),
+             dict(row("sm_90a", "q"), kernel="quant_table")]
+    s = summary(clean)
+    assert s["problems"] == 0 and s["per_arch"]["sm_90a"]["wgmma_builds"] == 2
+    lines = summary_lines(s)
+    assert "sm_90a: 2/2 GEMM/conv builds use wgmma (0 mma.sync)" in lines[1] and "0 spills" in lines[1]
+    assert lines[0].startswith("sm_80: 1/1 GEMM/conv builds use mma.sync") and lines[-1].endswith("all checks pass")
+    bad = clean + [row("sm_90a", "c", mma=16), row("sm_90a", "d", wgmma=2, spill=8),
+                   row("sm_90a", "e", wgmma=2, transposed=True), row("sm_89", "f", mma=8, shared=120000)]
+    s = summary(bad)
+    assert s["sm_90a_tensor_core_kernels_without_wgmma"] == ["gemm.codes.fp16 c sm_90a"]
+    assert len(s["spilling"]) == len(s["operand_transposed"]) == len(s["over_shared_memory"]) == 1
+    assert s["problems"] == 4 and sum(line.startswith("FAIL") for line in summary_lines(s)) == 4
+
+
+def _build_report(out, *args, jobs=1):
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "accel.kernels.build_report", "--out", str(out), "--jobs", str(jobs), *args]
+    res = subprocess.run(cmd, cwd=root, env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True,
+                         timeout=1200)
+    return res, json.loads((out / "report.json").read_text())
+
+
+def _assert_hopper_builds(report, out):
+    for r in report["builds"]:
+        assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
+        assert r["registers"] <= 255 and not r["operand_transposed"] and r["shared_bytes"] <= r["shared_limit_bytes"], r
+        if r["kernel"] not in ("gemm", "conv"):
+            continue
+        if r["arch"] == "sm_90a":  # every GEMM/conv: wgmma, nothing left on mma.sync, Triton applied MMA v3
+            assert r["wgmma"] > 0 and r["mma_sync"] == 0 and not r["mma_v3_not_applied"], r
+            assert r["cp_async"] > 0, r  # a pipelined K loop
+            assert "wgmma.mma_async" in (out / r["ptx"]).read_text()
+        else:
+            assert r["mma_sync"] > 0 and r["wgmma"] == 0, r
+
+
+def test_build_report_sm90a_uses_wgmma(tmp_path):
+    """A GEMM and a conv (the ones a static fp16 layer runs, with their sub-variants) in their 128x128 tile, for
+    sm_90a and sm_89: wgmma on sm_90a, mma.sync on sm_89, no spills, and the report's summary line and exit code."""
+    res, report = _build_report(tmp_path, "--arch", "89", "90", "--only", "gemm.codes.fp16", "conv.codes.fp16.3x3",
+                                "--configs", "128x128")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = report["builds"]
+    assert {r["arch"] for r in rows} == {"sm_89", "sm_90a"} and {r["kernel"] for r in rows} == {"gemm", "conv"}
+    _assert_hopper_builds(report, tmp_path)
+    n = sum(r["arch"] == "sm_90a" for r in rows)
+    assert n == 4 and f"sm_90a: {n}/{n} GEMM/conv builds use wgmma (0 mma.sync)" in res.stdout
+    assert report["summary"]["problems"] == 0
+
+
+@pytest.mark.slow
+def test_build_report_every_sm90a_gemm_and_conv_uses_wgmma(tmp_path):
+    """Every GEMM/conv variant in every config the sm_90a autotuner has: wgmma, no spills (about 100 builds)."""
+    from accel.kernels.build_report import VARIANTS
+
+    res, report = _build_report(tmp_path, "--arch", "90", "--only", "gemm", "conv", jobs=2)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert {r["variant"] for r in report["builds"]} == {v for v in VARIANTS if v.split(".")[0] in ("gemm", "conv")}
+    _assert_hopper_builds(report, tmp_path)
+    s = report["summary"]["per_arch"]["sm_90a"]
+    assert s["wgmma_builds"] == s["tensor_core_builds"] == s["builds"] and s["spilling"] == 0
