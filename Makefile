@@ -6,7 +6,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast bench bench-cache bench-gpu kernel-report notebooks weights scalelong clean
+.PHONY: setup demo test test-fast bench bench-cache bench-gpu bench-gpu-quick kernel-report notebooks weights scalelong clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -47,6 +47,11 @@ notebooks: setup
 ## with torch and triton but no network: make bench-gpu PY=python3 STAMP=   (see accel/bench_gpu.py)
 bench-gpu: setup
 	$(PY) -m accel bench --gpu --out docs/GPU_BENCHMARKS.md
+
+## the quick GPU benchmark -> docs/GPU_BENCHMARKS.md: SD 1.5 and SDXL in about 8 minutes (10 steps, CUDA-graph rows
+## first, the ten heaviest layer shapes). On a device machine without diffusers: bash scripts/gpu_bench.sh
+bench-gpu-quick: setup
+	$(PY) -m accel bench --gpu --quick --out docs/GPU_BENCHMARKS.md
 
 ## compile every Triton kernel for sm_80 and sm_90a on this machine: registers, spills, int8 MMA count
 kernel-report: setup

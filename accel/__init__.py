@@ -20,13 +20,14 @@ _EXPORTS = {
     "Transform": "transforms", "FeatureCache": "transforms", "Inherit": "transforms", "Quantize": "transforms",
     "ScaleLong": "transforms",
     "AccelError": "errors", "CalibrationError": "errors", "RecipeError": "errors",
-    "TransformConflictError": "errors", "UnsupportedModelError": "errors",
+    "TransformConflictError": "errors", "UnsupportedModelError": "errors", "IrreversibleError": "errors",
 }
 _SUBMODULES = {"api", "bench", "calibrate", "calibration", "cli", "dist", "errors", "eval", "fileio", "hooks",
                "kernels", "miniature", "recipe", "recipes", "schedules", "transforms", "unet"}
 
 __all__ = ["apply", "Handle", "AcceleratedPipeline", "Recipe", "Transform", "FeatureCache", "Inherit", "Quantize", "ScaleLong", "AccelError",
-           "CalibrationError", "RecipeError", "TransformConflictError", "UnsupportedModelError", "__version__"]
+           "CalibrationError", "RecipeError", "TransformConflictError", "UnsupportedModelError", "IrreversibleError",
+           "__version__"]
 
 
 def __getattr__(name):

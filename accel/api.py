@@ -11,8 +11,10 @@ import shutil
 import weakref
 from pathlib import Path
 
+import torch
+
 from . import hooks
-from .errors import TransformConflictError, UnsupportedModelError
+from .errors import IrreversibleError, TransformConflictError, UnsupportedModelError
 from .recipe import Recipe, load as load_recipe
 from .transforms.base import Context, Transform
 from .unet import resolve
@@ -63,6 +65,8 @@ class Handle:
         except Exception:
             self.remove()
             raise
+        for t in self._attached:
+            t.attached(self._ctx())
         self.active = True
         _active.setdefault(self.unet, []).append(self)
 
@@ -90,12 +94,18 @@ class Handle:
                 "full_per_pipeline_call": n / p if p else 0.0}
 
     def remove(self):
-        """Detach every transform; the model behaves (and is structured) exactly as before ``apply``."""
+        """Detach every transform; the model behaves (and is structured) exactly as before ``apply``. Refused,
+        before anything is undone, when a transform did not keep what undoing it needs."""
+        for t in self._attached:
+            reason = t.cannot_remove()
+            if reason:
+                raise IrreversibleError(reason)
         for t in reversed(self._attached):
             t.detach(self._ctx())
         self._attached = []
         if self.clock is not None:
             self.clock.remove_listener(_check_key(self))
+            self.clock.compiled, self.clock.cudagraphs = None, False
             hooks.release_clock(self.unet)
             self.clock = None
         handles = _active.get(self.unet, [])
@@ -105,6 +115,21 @@ class Handle:
 
     def recipe(self) -> Recipe:
         return Recipe(name=self.recipe_name or "custom", transforms=list(self.transforms))
+
+    def compile(self, **kwargs) -> "Handle":
+        """``torch.compile`` the UNet below accel's step clock, with ``kwargs`` (``fullgraph=True`` by default):
+        ``handle.compile(mode="reduce-overhead")`` for CUDA-graph replay. The clock and the transforms' per-call
+        decisions run in Python before each call (a cache compiles one graph for full calls and one for cached
+        calls, not one per step); what a static W8A8 call reads per step is on the device. ``remove()`` undoes it.
+        Plain ``pipe.unet = torch.compile(pipe.unet)`` works as well, with one graph break at the clock (before the
+        UNet's first op), so not with ``fullgraph=True``."""
+        if not self.active:
+            raise RuntimeError("compile() of a removed handle: apply the transforms again first")
+        kwargs = {"fullgraph": True, **kwargs}
+        backend = kwargs.get("backend", "inductor")
+        self.clock.compiled = torch.compile(self.clock.fn_ref.original_forward, **kwargs)
+        self.clock.cudagraphs = kwargs.get("mode") in ("reduce-overhead", "max-autotune") or backend == "cudagraphs"
+        return self
 
     def __enter__(self):
         return self

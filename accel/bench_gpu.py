@@ -75,6 +75,7 @@ TINY_SDXL = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=
 
 # what is left of the run's time budget for a part to be started (a part that would overrun is reported "not run")
 COMPILE_RESERVE_S = 180  # an end-to-end row with torch.compile (inductor on a UNet)
+CUDAGRAPHS_RESERVE_S = 45  # an end-to-end row replayed from CUDA graphs without inductor
 ROW_RESERVE_S = 30  # any other end-to-end row
 LAYER_RESERVE_S = 60  # section (b) of one model
 E2E_RESERVE_S = 90  # section (c) of one model: its calibration and first rows
@@ -107,6 +108,8 @@ class Plan:
     time_budget_s: float
     kernel_dtypes: tuple = (torch.float32,)  # activation dtypes of section (a)'s GEMMs
     dry_run: bool = False
+    quick: bool = False  # the quick run's rows (CUDA-graph rows first, inductor last) and layer shapes
+    layer_limit: int | None = None  # section (b): only the heaviest shapes (MACs x calls)
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -117,19 +120,33 @@ class Plan:
         return self.time_budget_s - (time.perf_counter() - self.started)
 
 
-def gpu_plan(models=("sd15", "sdxl"), steps: int = 50, time_budget_s: float = 540.0) -> Plan:
+QUICK_STEPS, QUICK_BUDGET_S, QUICK_LAYERS = 10, 450.0, 10
+
+
+def gpu_plan(models=("sd15", "sdxl"), steps: int | None = None, time_budget_s: float | None = None,
+             quick: bool = False) -> Plan:
+    """The GPU run. ``quick`` (``accel bench --gpu --quick``, ``make bench-gpu-quick``): both models in about 8
+    minutes: 10 steps (every row's per-step cost, as the full run's 50), section (a) in fp16 only, the end-to-end
+    rows that answer "is int8 faster than fp16 on this GPU" first (fp16, W8A8, fp8 and the caches, each replayed
+    from CUDA graphs), the inductor rows last (they cost a compile of a minute or more each), and the
+    ten heaviest layer shapes."""
     table = {"sd15": Model("SD 1.5 (512 px)", "sd", _sd15_unet(), (768,), 512),
              "sdxl": Model("SDXL (1024 px)", "sdxl", SDXL_UNET, (768, 1280), 1024)}
+    steps = steps or (QUICK_STEPS if quick else 50)
+    budget = time_budget_s or (QUICK_BUDGET_S if quick else 540.0)
+    full_calls = max(2, round(steps * 0.4))  # cachequant-w8a8's full calls: 20 of 50, as in the full run
     return Plan("cuda", torch.float16, [table[m] for m in models], steps, kernel_m=4096, kernel_c=320, inner=10,
-                repeats=5, e2e_repeats=2, budget_full_calls=20, compile_backend="inductor",
-                time_budget_s=time_budget_s, kernel_dtypes=(torch.float16, torch.bfloat16))
+                repeats=5, e2e_repeats=2, budget_full_calls=full_calls, compile_backend="inductor",
+                time_budget_s=budget, kernel_dtypes=(torch.float16,) if quick else (torch.float16, torch.bfloat16),
+                quick=quick, layer_limit=QUICK_LAYERS if quick else None)
 
 
-def dry_plan() -> Plan:
+def dry_plan(quick: bool = False) -> Plan:
     return Plan("cpu", torch.float32, [Model("SD-like tiny (64 px)", "sd", TINY_SD, (16,), 64),
                                        Model("SDXL-like tiny (64 px)", "sdxl", TINY_SDXL, (16, 16), 64)],
                 steps=3, kernel_m=40, kernel_c=24, inner=1, repeats=1, e2e_repeats=1, budget_full_calls=2,
-                compile_backend="eager", time_budget_s=float("inf"), dry_run=True)
+                compile_backend="eager", time_budget_s=float("inf"), dry_run=True, quick=quick,
+                layer_limit=QUICK_LAYERS if quick else None)
 
 
 def _sd15_unet() -> dict:
@@ -459,6 +476,9 @@ def layer_throughput(plan: Plan, model: Model, pipe) -> str:
     rows, tot = [], {"int8": 0.0, "fp16": 0.0, "int8_graph": 0.0, "fp16_graph": 0.0}
     float_name = "fp16 cuBLAS/cuDNN" if plan.device == "cuda" else f"{str(plan.dtype)[6:]} torch (CPU)"
     ordered = sorted(counts.items(), key=lambda kv: -kv[0].macs * kv[1])
+    skipped = 0
+    if plan.layer_limit is not None and len(ordered) > plan.layer_limit:
+        ordered, skipped = ordered[:plan.layer_limit], len(ordered) - plan.layer_limit
     timed = 0
     for i, (s, n) in enumerate(ordered):
         if plan.left() < 0:
@@ -481,7 +501,10 @@ def layer_throughput(plan: Plan, model: Model, pipe) -> str:
     head = (f"| layer (batch 2) | calls per UNet call | {float_name} µs (TOPS) | static W8A8 µs (TOPS) | "
             "float, CUDA graph µs | W8A8, CUDA graph µs | W8A8 with the quantization fused into the A load, graph µs | "
             "torch._int_mm alone, graph µs | float / W8A8 (eager / graph) |\n|---|---|---|---|---|---|---|---|---|")
-    which = "All" if timed == len(ordered) else "The timed shapes' (not all)"
+    which = "All" if timed == len(ordered) and not skipped else "The timed shapes' (not all)"
+    if skipped:
+        rows.append(f"| {skipped} lighter shapes (by MACs x calls) | | not timed: the quick run times the "
+                    f"{plan.layer_limit} heaviest | | | | | | |")
     graphs = (f"; replayed from CUDA graphs (GPU time alone) {tot['fp16_graph'] * 1e3:.1f} ms vs "
               f"{tot['int8_graph'] * 1e3:.1f} ms") if tot["int8_graph"] else ""
     summary = (f"\n{which} Linear/Conv2d calls of one UNet call, weighted by count: {float_name} "
@@ -503,7 +526,9 @@ def _peak(dev) -> str:
     return f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if dev == "cuda" else "n/a"
 
 
-GRAPHS = "graphs"  # an end-to-end row compiled with CUDA graphs (on CPU: compiled as the other compile rows)
+GRAPHS = "graphs"  # inductor + CUDA graph replay (mode="reduce-overhead"; on CPU: compiled as the other compile rows)
+CUDAGRAPHS = "cudagraphs"  # dynamo's cudagraphs backend: the eager kernels replayed from CUDA graphs, no inductor
+# (a compile of seconds, not minutes: what separates a GPU's time from the host's launch overhead end to end)
 
 
 def _failure(e: BaseException) -> str:
@@ -517,19 +542,25 @@ def _measure(plan: Plan, pipe, call: Callable, transforms, cal, compiled: bool |
     """One end-to-end row: median seconds per image, first call's seconds, peak memory, UNet weight bytes.
     ``remove()`` restores the pipeline whatever happens."""
     import accel
-    from .transforms.quantize import weight_bytes
+    from .transforms.quantize import device_bytes
 
+    _peak_reset(plan.device)
     handle = accel.apply(pipe, transforms, calibration=cal) if transforms is not None else None
     unet = pipe.unet
     try:
-        wbytes = weight_bytes(unet)
+        wbytes = device_bytes(unet)
         if compiled:
             torch._dynamo.reset()
             if compiled == GRAPHS and plan.device == "cuda":  # inductor + CUDA graph replay of the UNet call
-                pipe.unet = torch.compile(unet, mode="reduce-overhead")
+                how = dict(mode="reduce-overhead")
+            elif compiled == CUDAGRAPHS and plan.device == "cuda":
+                how = dict(backend="cudagraphs")
             else:
-                pipe.unet = torch.compile(unet, backend=plan.compile_backend)
-        _peak_reset(plan.device)
+                how = dict(backend=plan.compile_backend)
+            if handle is not None:  # below accel's step clock: one graph per kind of call, fullgraph
+                handle.compile(**how)
+            else:
+                pipe.unet = torch.compile(unet, fullgraph=True, **how)
         t0 = time.perf_counter()
         call()
         first = time.perf_counter() - t0
@@ -543,6 +574,59 @@ def _measure(plan: Plan, pipe, call: Callable, transforms, cal, compiled: bool |
         pipe.unet = unet
         if handle is not None:
             handle.remove()
+        if compiled:
+            torch._dynamo.reset()
+
+
+def _fp8(recipe_name: str = "w8a8"):
+    """The recipe's quantizer with fp8 (e4m3) weights and activations (same calibration), or None where
+    ``Quantize`` has no fp8 path or the GPU has no fp8 tensor cores (before sm_89)."""
+    import dataclasses
+
+    import accel
+
+    quant = accel.recipe.load(recipe_name).transforms[0]
+    if "dtype" not in {f.name for f in dataclasses.fields(quant)}:
+        return None
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        return None
+    return [type(quant)(**{**quant.to_dict_fields(), "dtype": "fp8"})]
+
+
+def _cache_only(recipe_name: str = "cachequant-w8a8"):
+    """The recipe's cache without its quantizer: the cache-only row at the same full calls."""
+    import accel
+
+    return [t for t in accel.recipe.load(recipe_name).transforms if type(t).__name__ != "Quantize"]
+
+
+def e2e_rows(plan: Plan) -> list[tuple[str, object, object]]:
+    """``(label, transforms or recipe name or None, compiled)`` of section (c), in the order they run (a row that
+    would overrun the time budget is not started, so what matters most comes first)."""
+    import accel
+
+    fl = "fp16" if plan.dtype == torch.float16 else "float"
+    k = plan.budget_full_calls
+    ind, cg = " + torch.compile (inductor, CUDA graphs: mode=reduce-overhead)", " + CUDA graphs"
+    fp8 = _fp8()
+    quick = [(fl, None, False),
+             (f"{fl}{cg}", None, CUDAGRAPHS),
+             (f"W8A8{cg}", "w8a8", CUDAGRAPHS)]
+    if fp8 is not None:
+        quick.append((f"fp8{cg}", fp8, CUDAGRAPHS))
+    quick += [("cache I=5", [accel.FeatureCache(interval=5)], False),
+              (f"cache only, cachequant-w8a8's schedule ({k} full calls){cg}", _cache_only(), CUDAGRAPHS),
+              (f"cachequant-w8a8 ({k} full calls){cg}", "cachequant-w8a8", CUDAGRAPHS),
+              ("W8A8 (static, per-call scales)", "w8a8", False),
+              (f"{fl}{ind}", None, GRAPHS),
+              (f"W8A8{ind}", "w8a8", GRAPHS)]
+    if fp8 is not None:
+        quick.append((f"fp8{ind}", fp8, GRAPHS))
+    quick.append((f"cachequant-w8a8 ({k} full calls){ind}", "cachequant-w8a8", GRAPHS))
+    if plan.quick:
+        return quick
+    return quick[:1] + [(f"{fl} + torch.compile", None, True), ("W8A8 + torch.compile", "w8a8", True),
+                        (f"cachequant-w8a8 ({k} full calls)", "cachequant-w8a8", False)] + quick[1:]
 
 
 def end_to_end(plan: Plan, model: Model, pipe) -> str:
@@ -565,19 +649,10 @@ def end_to_end(plan: Plan, model: Model, pipe) -> str:
         cal_note = f"{time.perf_counter() - t0:.0f} s"
     except Exception as e:  # noqa: BLE001 -- the rows without a calibration still run
         cal, cal_note = None, f"failed ({_failure(e)})"
-    fl = "fp16" if plan.dtype == torch.float16 else "float"
-    graphs = " (CUDA graphs: mode=reduce-overhead)"
-    rows = [(fl, None, False),
-            (f"{fl} + torch.compile", None, True),
-            ("cache I=5", [accel.FeatureCache(interval=5)], False),
-            ("W8A8 (static, per-call scales)", "w8a8", False),
-            ("W8A8 + torch.compile", "w8a8", True),
-            (f"cachequant-w8a8 ({plan.budget_full_calls} full calls)", "cachequant-w8a8", False),
-            (f"{fl} + torch.compile{graphs}", None, GRAPHS),  # eager W8A8 is bound by launch overhead: replayed
-            (f"W8A8 + torch.compile{graphs}", "w8a8", GRAPHS)]
     lines, base = [], None
-    for name, transforms, compiled in rows:
-        if plan.left() < (COMPILE_RESERVE_S if compiled else ROW_RESERVE_S):  # a row that would overrun is not started
+    for name, transforms, compiled in e2e_rows(plan):
+        reserve = COMPILE_RESERVE_S if compiled in (True, GRAPHS) else CUDAGRAPHS_RESERVE_S if compiled else ROW_RESERVE_S
+        if plan.left() < reserve:  # a row that would overrun is not started
             lines.append(f"| {name} | not run (time budget) | | | | |")
             continue
         try:
@@ -590,10 +665,13 @@ def end_to_end(plan: Plan, model: Model, pipe) -> str:
         speed = f"{base / sec:.2f}x" if base else "—"
         lines.append(f"| {name} | {sec:.2f} | {speed} | {first:.1f} | {peak} | {wbytes / 2**20:.1f} |")
     head = ("| method | s / image | speed-up | first call s (compile, autotune) | peak GPU memory GiB | "
-            "UNet weights MiB |\n|---|---|---|---|---|---|")
+            "UNet on the device MiB |\n|---|---|---|---|---|---|")
     return (head + "\n" + "\n".join(lines) + f"\n\nCalibration (cachequant-w8a8, 1 prompt, {plan.steps} steps; the "
-            f"W8A8 rows use its static scales): {cal_note}. Peak memory includes the float layers `accel.apply` "
-            "keeps for `remove()`.\n")
+            f"W8A8 and fp8 rows use its static scales): {cal_note}. \"CUDA graphs\": `torch.compile(unet, "
+            "backend=\"cudagraphs\", fullgraph=True)`, the eager kernels replayed (no inductor); \"inductor\": "
+            "`mode=\"reduce-overhead\", fullgraph=True`. Peak memory is of the whole row (apply included); the float "
+            "layers `accel.apply` keeps for `remove()` are in host memory (`Quantize(keep_float=True)`), and \"UNet "
+            "on the device\" is `accel.transforms.quantize.device_bytes`.\n")
 
 
 # ----------------------------------------------------------------------------------- report
@@ -663,8 +741,10 @@ def main(args, emit: Callable[[str], None] | None = None) -> str:
     """``accel bench --gpu``: the report's text (see :data:`NOT_RUN` without CUDA unless ``--dry-run``); ``emit``
     as in :func:`run`."""
     line = "accel bench --gpu" + (" --dry-run" if args.dry_run else "")
+    quick = getattr(args, "quick", False)
+    line += " --quick" if quick else ""
     if args.dry_run:
-        return run(dry_plan(), line, emit)
+        return run(dry_plan(quick), line, emit)
     if not torch.cuda.is_available():
         return NOT_RUN
-    return run(gpu_plan(tuple(args.gpu_models.split(",")), args.gpu_steps, args.gpu_budget_s), line, emit)
+    return run(gpu_plan(tuple(args.gpu_models.split(",")), args.gpu_steps, args.gpu_budget_s, quick), line, emit)

@@ -251,7 +251,7 @@ def collect_quant_dec(pipe, quant, cache, calib: Calibration, prompts, steps, n_
         for path in consumers:
             qm = q._modules.get(path)  # by path: a LoRA wrapper may sit at the path, the layer is its base layer
             if isinstance(qm, QConv2d) or hasattr(qm, "weight_q0"):
-                decs[path] = hooks.attach(qm, _DecRecorder(clock, q._originals[path], n_calls), REC_HOOK, root=unet)
+                decs[path] = hooks.attach(qm, _DecRecorder(clock, q.float_layer(path), n_calls), REC_HOOK, root=unet)
         batches = _batches(len(prompts), batch_size)
         for _, _ in _run_batches(pipe, prompts, steps, seed, guidance, batches, range(len(batches)),
                               "calibrate quant DEC", progress):

@@ -533,7 +533,9 @@ def _bench_parser(sub):
                    help="interleaved runs per method on SD 1.5 (default 2)")
     p.add_argument("--sd-latent", type=_int_at_least(8), default=32,
                    help="latent side on the SD 1.5 architecture (default 32: 256x256 images)")
-    p.add_argument("--quick", action="store_true", help="miniature only (no SD 1.5 architecture)")
+    p.add_argument("--quick", action="store_true", help="miniature only (no SD 1.5 architecture); with --gpu: the "
+                   "quick GPU run (about 8 minutes for SD 1.5 and SDXL: 10 steps, the CUDA-graph rows first, the ten "
+                   "heaviest layer shapes; make bench-gpu-quick)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=_int_at_least(1), default=1, help="torch intra-op threads (default 1)")
     g = p.add_argument_group("GPU benchmark (accel/bench_gpu.py; make bench-gpu)")
@@ -542,9 +544,11 @@ def _bench_parser(sub):
                    "'not run'")
     g.add_argument("--dry-run", action="store_true", help="with --gpu: run its code on CPU with tiny models (no GPU figures)")
     g.add_argument("--gpu-models", default="sd15,sdxl", help="with --gpu: sd15, sdxl or both (default)")
-    g.add_argument("--gpu-steps", type=_int_at_least(1), default=50, help="with --gpu: denoising steps end to end (default 50)")
-    g.add_argument("--gpu-budget-s", type=_int_at_least(60), default=540,
-                   help="with --gpu: seconds the run may take; a part that would overrun is reported 'not run' (default 540)")
+    g.add_argument("--gpu-steps", type=_int_at_least(1), default=None,
+                   help="with --gpu: denoising steps end to end (default 50; 10 with --quick)")
+    g.add_argument("--gpu-budget-s", type=_int_at_least(60), default=None,
+                   help="with --gpu: seconds the run may take; a part that would overrun is reported 'not run' (default "
+                   "540; 450 with --quick)")
     p.set_defaults(func=cmd_bench)
 
 

@@ -21,5 +21,9 @@ class TransformConflictError(AccelError):
     """Two transforms cannot be applied together (or one is applied twice)."""
 
 
+class IrreversibleError(AccelError):
+    """``remove()`` of a transform that was told not to keep what undoing it needs (``Quantize(keep_float=False)``)."""
+
+
 class AccelWarning(UserWarning):
     """A legitimate but risky combination (e.g. a calibration used at another guidance scale)."""

@@ -66,7 +66,12 @@ class StepClock(ModelHook):
 
     Listeners (``add_listener``) are called once per UNet call, *before* the UNet runs, with the clock;
     they set plain Python booleans that the transforms' hooks read (so ``torch.compile`` guards on a bool
-    rather than on an integer that changes every step).
+    rather than on an integer that changes every step). ``after=True`` listeners run once the UNet returned.
+
+    The UNet below the clock can be compiled (:meth:`accel.Handle.compile` sets :attr:`compiled`): the count and
+    the listeners' decisions stay in Python, outside the compiled region, so ``fullgraph=True`` and CUDA-graph
+    replay (``mode="reduce-overhead"``) see a UNet call without host work; ``torch.compile(pipe.unet)`` works
+    too, with one graph break at the clock, before the UNet's first op.
     """
 
     _is_stateful = True
@@ -75,6 +80,9 @@ class StepClock(ModelHook):
         super().__init__()
         self._pipe = weakref.ref(pipe) if pipe is not None else None
         self._listeners: dict[str, Callable[["StepClock"], None]] = {}
+        self._after: dict[str, Callable[["StepClock"], None]] = {}
+        self.compiled: Callable | None = None  # the UNet's forward below the clock, compiled (Handle.compile)
+        self.cudagraphs = False  # compiled with CUDA-graph replay: its outputs live in a pool the next replay reuses
         self._timesteps_id = None
         self.step = -1           # index of the current UNet call in this pipeline call
         self.total: int | None = None  # UNet calls this pipeline call will make (None if unknown)
@@ -83,11 +91,12 @@ class StepClock(ModelHook):
         self.unet_calls = self.pipeline_calls = 0  # counted since the clock was attached
 
     # -- listeners ---------------------------------------------------------------------------------
-    def add_listener(self, key: str, fn: Callable[["StepClock"], None]):
-        self._listeners[key] = fn
+    def add_listener(self, key: str, fn: Callable[["StepClock"], None], after: bool = False):
+        (self._after if after else self._listeners)[key] = fn
 
     def remove_listener(self, key: str):
         self._listeners.pop(key, None)
+        self._after.pop(key, None)
 
     # -- hook ------------------------------------------------------------------------------------
     @property
@@ -122,6 +131,19 @@ class StepClock(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         self.tick(args[0] if args else kwargs.get("sample"))
         return args, kwargs
+
+    def new_forward(self, module, *args, **kwargs):
+        """The UNet below the clock: compiled if :attr:`compiled` is set; then the ``after`` listeners."""
+        forward = self.compiled if self.compiled is not None else self.fn_ref.original_forward
+        out = forward(*args, **kwargs)
+        if self._after:
+            self._done()
+        return out
+
+    @torch.compiler.disable
+    def _done(self):
+        for fn in self._after.values():
+            fn(self)
 
     def reset_state(self, module):
         self.reset()

@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_mode
+
 from . import ops, reference
 
 BACKENDS = ("reference", "triton")
@@ -28,9 +30,16 @@ def choose(device: torch.device | str, backend: str | None = None) -> str:
     return backend
 
 
+_TRITON = None
+
+
 def triton_module():
     """The Triton kernels; on a machine without CUDA they run in Triton's interpreter, which must have been
-    switched on before triton was first imported (``import accel`` does it when it is first)."""
+    switched on before triton was first imported (``import accel`` does it when it is first). Checked once: a
+    layer call asks for it every time."""
+    global _TRITON
+    if _TRITON is not None:
+        return _TRITON
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
         import triton.language as tl
@@ -45,6 +54,7 @@ def triton_module():
                                    "(or import accel before torch/diffusers)")
     from . import triton_kernels
 
+    _TRITON = triton_kernels
     return triton_kernels
 
 
@@ -95,17 +105,26 @@ def w8a8_conv2d(x_q, w_q, x_scale, w_scale, bias=None, stride=1, padding=0, w_ze
 
 
 # ----------------------------------------------------------------------------------- one op per layer
+def direct() -> bool:
+    """Whether a layer call may skip the custom-op dispatcher and call the op's implementation: eager inference
+    (no gradient), not being traced by ``torch.compile``, no dispatch mode active (fake tensors, FLOP counting, op
+    counts). The dispatcher costs the host about as much as the rest of the layer's Python (measured with the
+    kernels stubbed: ``scripts/host_overhead.py``); everything that needs the op still sees it."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and _current_mode() is None
+
+
 def linear(x, w, w_scale, w_zero=None, bias=None, w_sum=None, qtable=None, step=None, backend=None):
     """A quantized Linear on float ``x (..., K)``: the ``accel::linear`` op (static with ``qtable``, else
     dynamic per token); output in ``x.dtype``."""
     shape = x.shape
-    y = torch.ops.accel.linear(x.reshape(-1, shape[-1]), w, w_scale, w_zero, bias, w_sum, qtable, step,
-                               choose(x.device, backend))
+    op = ops.linear_impl if direct() else torch.ops.accel.linear
+    y = op(x.reshape(-1, shape[-1]), w, w_scale, w_zero, bias, w_sum, qtable, step, choose(x.device, backend))
     return y.reshape(*shape[:-1], w.shape[0])
 
 
 def conv2d(x, w, w_scale, qtable, w_zero=None, bias=None, w_sum=None, w_tap=None, step=None, residual=None,
            stride=1, padding=0, backend=None):
     """A quantized zero-padded Conv2d on float NCHW ``x``: the ``accel::conv2d`` op (see :mod:`.ops`)."""
-    return torch.ops.accel.conv2d(x, w, w_scale, w_zero, bias, w_sum, w_tap, qtable, step, residual, stride,
-                                  padding, choose(x.device, backend))
+    op = ops.conv2d_impl if direct() else torch.ops.accel.conv2d
+    return op(x, w, w_scale, w_zero, bias, w_sum, w_tap, qtable, step, residual, stride, padding,
+              choose(x.device, backend))

@@ -20,9 +20,9 @@ from . import reference
 
 
 def _triton():
-    from . import triton_module
+    import sys
 
-    return triton_module()
+    return sys.modules[__package__].triton_module()  # the package (imported first: it imports this module)
 
 
 def conv_out_format(x: Tensor, backend: str) -> torch.memory_format:

@@ -213,3 +213,92 @@ def test_build_report_every_kernel_every_config(tmp_path):
     for r in report["builds"]:
         per_arch[r["arch"]] += 1
     _assert_clean(report, 2 * per_arch["sm_80"])
+
+
+@pytest.mark.slow
+def test_handle_compile_fullgraph_static_w8a8_with_forecasting_cache(tokenizer_dir):
+    """`handle.compile()` compiles the UNet below accel's step clock with `fullgraph=True`: a static W8A8 UNet with
+    a forecasting cache (cachequant-w8a8's transforms) compiles a few graphs on the first pipeline call (full and
+    cached calls, the forecast's warm-up), whatever the step count, none on the second; nothing in them reads a
+    value back to the host or has a data-dependent shape (what would keep CUDA-graph replay from capturing them);
+    the latents equal eager's. With CUDA-graph replay what the cache keeps across calls is copied out of the
+    graph's memory pool after each full call (exercised here by setting the flag the CUDA-graph modes set)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.utils import counters
+
+    pipe = small_sd_pipe(tokenizer_dir)
+    every_layer = accel.Recipe("w8a8-every-layer", [accel.Quantize(mode="static")])
+    steps = 12
+    cal = calibrate(pipe, every_layer, ["a red circle", "a blue square"], steps=steps, batch_size=2, progress=False)
+    kw = dict(prompt=["a red circle"], num_inference_steps=steps, output_type="latent")
+    transforms = [accel.Quantize(mode="static"), accel.FeatureCache(interval=3, forecast="taylor1", trust="skill")]
+    h = accel.apply(pipe, transforms, calibration=cal)
+    try:
+        eager = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+        graphs = []
+
+        def count(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        counters.clear()
+        h.compile(backend=aot_autograd(fw_compiler=count))  # fullgraph=True: a graph break would raise
+        first = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+        n_first = len(graphs)
+        second = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+        assert 2 <= n_first <= 8 and len(graphs) == n_first, n_first  # full / cached calls, not one per step
+        assert counters["stats"]["unique_graphs"] == n_first
+        ops = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+        host = ("aten._local_scalar_dense", "aten.nonzero", "aten.item", "aten.masked_select", "aten.unique")
+        assert not [op for op in ops if op.startswith(host)], set(ops)
+        assert sum("accel.linear" in op or "accel.conv2d" in op for op in ops) > 20
+        assert torch.equal(first, eager) and torch.equal(second, eager)
+        cache = h.transforms[-1]
+        h.clock.cudagraphs = True  # as mode="reduce-overhead" sets it: kept features copied after full calls
+        copied, after = [], cache._after_call
+
+        def watch(clock):
+            newest = cache._features[0] if cache._features else None
+            after(clock)
+            copied.append(newest is not None and cache._features[0] is not newest
+                          and torch.equal(cache._features[0], newest))
+        h.clock.add_listener(cache.hook_name, watch, after=True)
+        third = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+        assert torch.equal(third, eager) and len(graphs) == n_first
+        assert sum(copied) == len(range(0, steps, 3))  # after each full call, the kept feature is a copy
+    finally:
+        h.remove()
+        torch._dynamo.reset()
+    assert "forward" not in pipe.unet.__dict__  # the UNet as it was, uncompiled
+
+
+def test_eager_inference_skips_the_dispatcher_and_nothing_else_does(tokenizer_dir):
+    """Eager inference calls each layer's op implementation directly (the dispatcher costs the host as much as the
+    rest of the layer: scripts/host_overhead.py); the outputs are the op's, and autograd, dispatch modes (FLOP
+    counting, op counts, fake tensors) and torch.compile still see the op."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from accel import kernels
+
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+    owner = accel.Quantize(mode="static")
+    q = QConv2d(owner, "conv", conv, None)
+    q.act_scales, q.act_shifts = torch.full((1, 1), 0.02), torch.zeros(1, 1)
+    owner._modules = {"conv": q}
+    owner._tables_ready()
+    x = torch.randn(2, 8, 6, 6, generator=g)
+    with torch.no_grad():
+        assert kernels.direct()
+        y = q(x)
+        with OpCounter() as counted:
+            y_op = q(x)
+        with FlopCounterMode(display=False) as flops:
+            q(x)
+    assert torch.equal(y, y_op) and counted.outside["accel.conv2d.default"] == 1
+    assert flops.get_total_flops() == 2 * y.numel() * 8 * 9
+    assert not kernels.direct()  # gradients on: the op (its straight-through backward)
+    xg = x.clone().requires_grad_()
+    q(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0

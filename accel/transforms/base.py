@@ -47,6 +47,14 @@ class Transform(abc.ABC):
     def detach(self, ctx: Context) -> None:
         """Undo :meth:`attach` exactly."""
 
+    def attached(self, ctx: Context) -> None:
+        """Called once every transform of an ``apply`` is attached (what may only happen once nothing can fail and
+        make ``apply`` undo itself: e.g. ``Quantize(keep_float=False)`` drops the float layers here)."""
+
+    def cannot_remove(self) -> str | None:
+        """Why :meth:`detach` cannot restore the original model (``None``: it can)."""
+        return None
+
     def to_dict(self) -> dict:
         d = {"type": type(self).__name__}
         for f in dataclasses.fields(self):

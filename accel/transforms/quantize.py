@@ -22,12 +22,21 @@
   channels_last (the next conv reads contiguous channels without a copy).
 * Quantization DEC: on the layers that consume the cached feature, ``Y_fp ~ alpha_t * Y_q + beta_t`` per
   output channel and call, folded into the layer's output (:mod:`accel.transforms.dec`).
+* ``dtype="fp8"``: float8 e4m3 instead of int8 for the Linear layers and 1x1 convs (per-channel weights,
+  ``amax / 448``; the activations' calibrated ranges and shifts as float8 scales, ``s * 127 / 448``; dynamic per
+  token without a calibration): ``torch._scaled_mm`` on compute capability 8.9+, an exact emulation on CPU, one
+  ``accel::fp8_linear`` op per call (:mod:`accel.kernels.fp8`). k x k convs stay int8 (no float8 conv to call).
 
 The transform swaps modules (like torchao's ``quantize_``); ``remove()`` puts the original float modules
-back, bit-identical.
+back, bit-identical (the same ``Parameter`` objects, values, dtypes, strides and device). Until then the float
+layers are kept in host memory (pinned where CUDA is present), not on the accelerator: a quantized UNet holds
+only what its calls read there (:func:`device_bytes`). ``Quantize(keep_float=False)`` drops them once ``apply``
+has succeeded (like torchao, which keeps none): the smallest footprint, and ``remove()`` is then refused.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import fnmatch
 import functools
 from dataclasses import dataclass, field
@@ -37,7 +46,8 @@ import torch
 import torch.nn as nn
 
 from .. import adapters, kernels
-from ..errors import CalibrationError
+from ..kernels import fp8
+from ..errors import CalibrationError, IrreversibleError
 from .base import Context, Transform, register
 
 P_NORM = 2.4
@@ -110,13 +120,10 @@ class _QBase(nn.Module):
         sym = owner.weights_symmetric
         parts = [weight] if split is None else [weight[:, :split], weight[:, split:]]
         for i, w in enumerate(parts):
-            q, s, z = quantize_weight(w, sym, owner.clip_search)
-            if q.dim() == 4:
-                q = q.contiguous(memory_format=torch.channels_last)  # (O, KH, KW, C) memory: what the conv reads
+            q, s, z, tap, total = self._quantize_part(w, sym)
             self.register_buffer(f"weight_q{i}", q)
             self.register_buffer(f"weight_scale{i}", s)
             self.register_buffer(f"weight_zero{i}", z if z is not None else None)
-            tap, total = _weight_sums(q, s, z)  # derived constants: not saved, recomputable
             self.register_buffer(f"weight_sum{i}", total, persistent=False)
             self.register_buffer(f"weight_tap{i}", tap, persistent=False)
             self.register_buffer(f"act_table{i}", None, persistent=False)
@@ -125,6 +132,15 @@ class _QBase(nn.Module):
         self.register_buffer("dec_beta", None, persistent=False)
         self._act_scales: torch.Tensor | None = None  # (num_calls, num_parts) from calibration
         self._act_shifts: torch.Tensor | None = None  # (num_calls, num_parts): the range centres m
+
+    def _quantize_part(self, w: torch.Tensor, sym: bool):
+        """``(q, scale, zero, tap, total)`` of one input part: int8 per output channel (channels_last for convs) and
+        the weight sums the activation shift adds back (derived constants: not saved, recomputable)."""
+        q, s, z = quantize_weight(w, sym, self.owner.clip_search)
+        if q.dim() == 4:
+            q = q.contiguous(memory_format=torch.channels_last)  # (O, KH, KW, C) memory: what the conv reads
+        tap, total = _weight_sums(q, s, z)
+        return q, s, z, tap, total
 
     @property
     def parts(self) -> int:
@@ -218,11 +234,18 @@ class _QBase(nn.Module):
 
     @property
     def source(self) -> nn.Module:
-        """The float module this layer was quantized from (what ``remove()`` puts back)."""
+        """The float module this layer was quantized from (what ``remove()`` puts back; in host memory while the
+        quantized layer runs on an accelerator)."""
         try:
             return self.__dict__["_source"]
         except KeyError:
-            raise AttributeError(f"{type(self).__name__} {self.path!r} has no float source module") from None
+            raise AttributeError("source") from None  # then __getattr__ (_Dropped's) says why
+
+    def _drop_source(self) -> None:
+        """``Quantize(keep_float=False)``: forget the float module; ``source`` / ``weight`` then say why they are
+        gone (the class becomes a subclass that knows; nothing changes on the call path)."""
+        self.__dict__.pop("_source", None)
+        self.__class__ = _dropped_class(type(self))
 
     @property
     def weight(self) -> nn.Parameter:
@@ -230,6 +253,21 @@ class _QBase(nn.Module):
         of new adapters, DoRA's weight norm) and ``fuse_lora`` / ``unfuse_lora`` write the adapter into it;
         :class:`Quantize` re-quantizes the layer from it before the next UNet call."""
         return self.source.weight
+
+
+class _Dropped:
+    """Mixed in front of a quantized layer's class once its float source is dropped."""
+
+    def __getattr__(self, name):
+        if name in ("source", "weight", "_source"):
+            raise AttributeError(f"{type(self).__name__} {self.path!r} has no float {name.strip('_')}: "
+                                 "Quantize(keep_float=False) dropped it")
+        return super().__getattr__(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _dropped_class(cls: type) -> type:
+    return type(cls.__name__, (_Dropped, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
 def _weight_sums(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None):
@@ -284,6 +322,45 @@ class QConv2d(_QBase):
         return self._correct(y, 1)
 
 
+class _FP8GEMM:
+    """``Quantize(dtype="fp8")``'s GEMM layers (mixed in before :class:`QLinear` / :class:`QConv2d`): float8 e4m3
+    weights ``(O, K)`` per output channel, the calibration's per-call int8 ranges as float8 scales (same ranges,
+    same shifts), one ``accel::fp8_linear`` op per input part (:mod:`accel.kernels.fp8`)."""
+
+    def _quantize_part(self, w, sym):
+        return fp8.quantize_part(w)
+
+    def _build_tables(self):
+        super()._build_tables()
+        for i in range(self.parts):
+            table = getattr(self, f"act_table{i}")
+            if table is not None:
+                setattr(self, f"act_table{i}", fp8.fp8_table(table))
+
+    def _gemm(self, i, x, residual=None):
+        table = getattr(self, f"act_table{i}")  # None: dynamic per token
+        shifted = table is not None and self.owner.act_asymmetric
+        return fp8.linear(x, getattr(self, f"weight_q{i}"), getattr(self, f"weight_scale{i}"),
+                          self.bias if i == 0 else None, getattr(self, f"weight_sum{i}") if shifted else None, table,
+                          None if table is None else self.owner._step_t, residual, self.owner.backend)
+
+
+class QLinearFP8(_FP8GEMM, QLinear):
+    def forward(self, x):
+        return self._correct(self._gemm(0, x), -1)
+
+
+class QConv1x1FP8(_FP8GEMM, QConv2d):
+    """A 1x1 conv as a float8 GEMM over the pixels (NHWC rows: a view of a channels_last input; the output is
+    channels_last); a split input's second half adds its product to the first's inside the op."""
+
+    def forward(self, x):
+        y = None
+        for i, xi in enumerate(self._inputs(x)):
+            y = self._gemm(i, fp8.pixels(xi), y)
+        return self._correct(fp8.unpixels(y), 1)
+
+
 # ----------------------------------------------------------------------------------- the transform
 def _split_point(unet, path: str, module: nn.Module) -> int | None:
     """Channels of the hidden half of ``cat([hidden, skip])`` for up-block resnet convs that consume it."""
@@ -312,6 +389,9 @@ class Quantize(Transform):
 
     Args:
         weights, activations: bit widths (8 and 8: what the kernels implement).
+        dtype: ``"int8"`` or ``"fp8"``: float8 e4m3 weights and activations for the Linear layers and 1x1 convs
+            (``torch._scaled_mm`` on compute capability 8.9+, an exact emulation on CPU; the same calibration's
+            ranges and shifts), k x k convs int8 (:mod:`accel.kernels.fp8` says why).
         weight_scheme: ``"asymmetric"`` (CacheQuant) or ``"symmetric"`` per output channel.
         act_scheme: per-tensor activation quantizers centred on their range (``"asymmetric"``) or on zero
             (``"symmetric"``).
@@ -326,10 +406,14 @@ class Quantize(Transform):
         correction: ``"dec"`` folds the calibrated quantization-error correction into the layers that
             consume the cached feature.
         filter_fn: ``(module, path) -> bool`` (Python API only), like torchao's.
+        keep_float: keep the float layers (in host memory) so that ``remove()`` restores them and LoRA adapters
+            can be loaded or fused later; ``False`` drops them when ``apply`` succeeds (``remove()``, loading and
+            fusing adapters are then refused with a one-line error; adapters loaded before ``apply`` still run).
     """
 
     weights: int = 8
     activations: int = 8
+    dtype: str = "int8"
     weight_scheme: str = "asymmetric"
     act_scheme: str = "asymmetric"
     act_clip: str = "range"
@@ -340,6 +424,7 @@ class Quantize(Transform):
     clip_search: bool = True
     correction: str | None = None
     filter_fn: Callable | None = None
+    keep_float: bool = True
     order = 10
     _originals: dict = field(default_factory=dict, init=False, repr=False)
     _modules: dict = field(default_factory=dict, init=False, repr=False)
@@ -361,6 +446,11 @@ class Quantize(Transform):
             raise ValueError("backend must be None, 'reference' or 'triton'")
         if self.correction not in (None, "dec"):
             raise ValueError("correction must be None or 'dec'")
+        if self.dtype not in ("int8", "fp8"):
+            raise ValueError(f"dtype must be 'int8' or 'fp8' (float8 e4m3), not {self.dtype!r}")
+        if not isinstance(self.keep_float, bool):
+            raise ValueError("keep_float must be true or false")
+        self._dropped = False  # keep_float=False: the float layers are gone
         self._step, self._mode = -1, self.mode
         self._step_t = torch.zeros(1, dtype=torch.int32)  # the current UNet call, on the UNet's device
         self._calls: int | None = None  # UNet calls the static tables cover
@@ -372,8 +462,10 @@ class Quantize(Transform):
 
     def to_dict_fields(self) -> dict:
         """Constructor arguments (incl. ``filter_fn``) to build a copy."""
-        return {k: getattr(self, k) for k in ("weights", "activations", "weight_scheme", "act_scheme", "act_clip", "mode", "backend",
-                                               "exclude", "split_shortcut", "clip_search", "correction", "filter_fn")}
+        return {k: getattr(self, k) for k in ("weights", "activations", "dtype", "weight_scheme", "act_scheme",
+                                               "act_clip", "mode", "backend",
+                                               "exclude", "split_shortcut", "clip_search", "correction", "filter_fn",
+                                               "keep_float")}
 
     @property
     def weights_symmetric(self) -> bool:
@@ -422,10 +514,20 @@ class Quantize(Transform):
         if self._wrappers:
             self._sync_adapters()
 
-    def _quantized(self, unet, path: str, m: nn.Module) -> "_QBase":
+    def _quantized(self, unet, path: str, m: nn.Module, device: torch.device | None = None) -> "_QBase":
+        """The quantized layer of float ``m``, on ``device`` (default: ``m``'s). A float layer kept in host memory
+        comes to ``device`` for this (re-quantizing after a LoRA fuse runs where the UNet runs) and stays there
+        until :meth:`_offload` puts it back."""
+        device = m.weight.device if device is None else torch.device(device)
+        if m.weight.device != device:
+            _move_tensors(m, device)
         split = _split_point(unet, path, m) if self.split_shortcut and isinstance(m, nn.Conv2d) else None
-        q = QLinear(self, path, m) if isinstance(m, nn.Linear) else QConv2d(self, path, m, split)
-        q.to(m.weight.device)
+        if self.dtype == "fp8" and fp8.gemm_layer(m):  # float8 GEMMs; k x k convs stay int8 (see accel.kernels.fp8)
+            fp8.check_device(device)
+            q = QLinearFP8(self, path, m) if isinstance(m, nn.Linear) else QConv1x1FP8(self, path, m, split)
+        else:
+            q = QLinear(self, path, m) if isinstance(m, nn.Linear) else QConv2d(self, path, m, split)
+        q.to(device)
         if self._qcal is not None:
             q.act_scales, q.act_shifts = self._qcal.scales(path, q.parts, self.act_asymmetric, self.act_clip)
             if self.correction == "dec":
@@ -458,14 +560,54 @@ class Quantize(Transform):
         self._track_adapters()
         self._guard_adapter_loaders(unet)
         self._tables_ready()
+        if self.keep_float:
+            self._offload()
         ctx.clock.add_listener(self.hook_name, self._on_tick)
 
+    def attached(self, ctx: Context) -> None:
+        """``keep_float=False``: drop the float layers now that ``apply`` cannot fail and undo itself."""
+        if not self.keep_float:
+            for q in self._modules.values():
+                q._drop_source()
+            self._originals, self._dropped = {}, True
+
+    def cannot_remove(self) -> str | None:
+        if self._dropped:
+            return ("Quantize(keep_float=False) dropped the float layers: the quantized UNet cannot be restored; "
+                    "reload the model (or apply with keep_float=True, the default)")
+        return None
+
     def detach(self, ctx: Context) -> None:
+        if self._dropped:
+            raise IrreversibleError(self.cannot_remove())
         ctx.clock.remove_listener(self.hook_name)
         self._unguard_adapter_loaders(ctx.unet)
+        self._bring_home()
         _swap(ctx.unet, {id(q): self._originals[p] for p, q in self._modules.items()})
         self._originals, self._modules, self._wrappers, self._merged = {}, {}, {}, {}
         self._qcal = self._unet = None
+
+    # -- the float layers for remove(): in host memory while quantized ----------------------------------
+    def _offload(self, paths=None) -> None:
+        """Move the float layers (all, or ``paths``) to host memory, pinned where CUDA is present. A layer whose
+        LoRA wrapper uses DoRA stays on the device: DoRA reads the base weight at every call."""
+        for path in self._originals if paths is None else paths:
+            wrapper = self._wrappers.get(path)
+            if wrapper is not None and any(getattr(wrapper, "use_dora", {}).values()):
+                continue
+            _move_tensors(self._originals[path], torch.device("cpu"))
+
+    def _bring_home(self, paths=None) -> None:
+        """Move the float layers to the device their quantized layers are on now (which may not be where the
+        UNet was at ``apply``: ``unet.to(...)`` moves the quantized layers, not the float ones kept aside)."""
+        for path in self._originals if paths is None else paths:
+            _move_tensors(self._originals[path], self._modules[path].weight_q0.device)
+
+    def float_layer(self, path: str) -> nn.Module:
+        """The float layer at ``path`` on the device its quantized layer runs on: the original itself if it is
+        there, else a copy (what calibration runs beside the quantized layer)."""
+        m, dev = self._originals[path], self._modules[path].weight_q0.device
+        return m if m.weight.device == dev else copy.deepcopy(m).to(dev)
 
     # -- LoRA adapters (peft) around quantized layers ---------------------------------------------------
     # A wrapper keeps its quantized base layer and adds the float adapters beside it (QLoRA-style); switching,
@@ -486,10 +628,13 @@ class Quantize(Transform):
                 self._merged[path] = old_merged.get(path, tuple(wrapper.merged_adapters))
 
     def _sync_adapters(self) -> None:
+        unmerge = [w for w in self._wrappers.values() if w.disable_adapters and w.merged]
+        if unmerge:  # what peft's forward does first with adapters disabled; now, so we re-quantize first (on the
+            with self._float_layers_in_place():  # float layers, on the device: peft writes into the base weight)
+                for wrapper in unmerge:
+                    wrapper.unmerge()
         changed = []
         for path, wrapper in self._wrappers.items():
-            if wrapper.disable_adapters and wrapper.merged:
-                wrapper.unmerge()  # what peft's forward does first with adapters disabled; now, so we re-quantize first
             merged = tuple(wrapper.merged_adapters)
             if merged != self._merged[path]:
                 changed.append(path)
@@ -503,11 +648,15 @@ class Quantize(Transform):
         for path in paths:
             old, m = self._modules[path], self._originals[path]
             bias0 = self._bias0.get(path)
+            dev = old.weight_q0.device
             if bias0 is not None and m.bias is not None and not torch.equal(old.bias, bias0):
                 with torch.no_grad():  # peft (un)merged a LoRA bias (lora_bias=True) into the quantized layer's bias
+                    _move_tensors(m, dev)
                     m.bias.copy_(old.bias if torch.equal(m.bias, bias0) else m.bias + (old.bias - bias0))
-            self._modules[path] = swap[id(old)] = self._quantized(self._unet, path, m)
+            self._modules[path] = swap[id(old)] = self._quantized(self._unet, path, m, dev)
         _swap(self._unet, swap)
+        if self.keep_float:
+            self._offload(paths)
 
     def _guard_adapter_loaders(self, unet) -> None:
         """Adapters added after quantizing: while ``unet.add_adapter`` / ``load_lora_adapter`` / ``load_attn_procs``
@@ -529,17 +678,31 @@ class Quantize(Transform):
         self._guarded = {}
 
     def _with_float_layers(self, method, *args, **kwargs):
-        unet = self._unet
         self._sync_adapters()
+        with self._float_layers_in_place():
+            return method(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _float_layers_in_place(self):
+        """The float layers in place of the quantized ones, on the device (peft places new adapters on the base
+        layer's device and (un)fuses into its weight); then the quantized layers back, the float ones aside."""
+        if self._dropped:
+            raise IrreversibleError("Quantize(keep_float=False) dropped the float layers: LoRA adapters cannot be "
+                                    "loaded, fused or unfused in the quantized UNet; load (and fuse) them before "
+                                    "accel.apply, or apply with keep_float=True (the default)")
+        unet = self._unet
+        self._bring_home()
         _swap(unet, {id(q): self._originals[p] for p, q in self._modules.items()})
         try:
-            return method(*args, **kwargs)
+            yield
         finally:
             _swap(unet, {id(m): self._modules[p] for p, m in self._originals.items()})
             self._track_adapters()
+            if self.keep_float:
+                self._offload()
 
 
-ADAPTER_LOADERS = ("add_adapter", "load_lora_adapter", "load_attn_procs")
+ADAPTER_LOADERS = ("add_adapter", "load_lora_adapter", "load_attn_procs", "fuse_lora", "unfuse_lora")
 _MISSING = object()
 
 
@@ -550,6 +713,55 @@ def _swap(root: nn.Module, new: dict[int, nn.Module]) -> None:
         for name, child in list(parent._modules.items()):
             if child is not None and id(child) in new:
                 setattr(parent, name, new[id(child)])
+
+
+def _move_tensors(m: nn.Module, device: torch.device) -> None:
+    """Move ``m``'s parameters and buffers to ``device`` in place: the same ``Parameter`` objects (what optimizers
+    and peft hold), bit-identical, with their strides; host copies are pinned where CUDA is present (one DMA back)."""
+    def moved(t):
+        if t.device == device:
+            return t
+        pin = device.type == "cpu" and torch.cuda.is_available()
+        out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device, pin_memory=pin)
+        return out.copy_(t.detach())
+
+    with torch.no_grad():
+        for mod in m.modules():
+            for name, p in mod._parameters.items():
+                if p is not None:
+                    p.data = moved(p.data)
+                    if p.grad is not None:
+                        p.grad = moved(p.grad)
+            for name, b in mod._buffers.items():
+                if b is not None:
+                    mod._buffers[name] = moved(b)
+
+
+def device_bytes(unet) -> int:
+    """Bytes the UNet holds outside host-only memory: every parameter and buffer of its module tree (what a call
+    reads: int8 weights, scales, weight sums, per-call tables; what ``unet.to(device)`` moves) plus any float
+    layer kept for ``remove()`` that is not in host memory. Each storage counted once. On a CPU UNet this is what
+    would be on the GPU after ``unet.to("cuda")`` (the float layers kept aside stay in host memory)."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if t is None:
+            return
+        st = t.untyped_storage()
+        key = (t.device, st.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += st.nbytes()
+
+    for m in unet.modules():
+        for t in list(m._parameters.values()) + list(m._buffers.values()):
+            add(t)
+        if isinstance(m, _QBase) and "_source" in m.__dict__:
+            for t in list(m.source.parameters()) + list(m.source.buffers()):
+                if t.device.type != "cpu":
+                    add(t)
+    return total
 
 
 def weight_bytes(unet) -> int:
