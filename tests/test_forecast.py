@@ -285,3 +285,57 @@ def test_batches_and_guidance_off(tokenizer_dir):
                 assert h.clock.batch_shape[0] == (3 if guidance == 1.0 else 6)
                 run(pipe, batch=1, guidance=guidance)  # another batch size: the kept features are not reused
             assert torch.equal(run(pipe, batch=3, guidance=guidance), base)
+
+
+def test_cfg_mean_step_keeps_the_guidance_difference():
+    g = torch.Generator().manual_seed(0)
+    last, h = torch.randn(4, 3, 2, 2, generator=g), torch.randn(4, 3, 2, 2, generator=g)
+    out = forecast.cfg_mean_step(h, last)
+    (hu, hc), (lu, lc), (ou, oc) = h.chunk(2), last.chunk(2), out.chunk(2)
+    torch.testing.assert_close(ou + oc, hu + hc)  # the halves' mean: forecast
+    torch.testing.assert_close(oc - ou, lc - lu)  # their difference: the last full call's
+    swap = lambda x: torch.cat(x.chunk(2)[::-1])  # noqa: E731
+    torch.testing.assert_close(forecast.cfg_mean_step(swap(h), swap(last)), swap(out))  # order of halves: no matter
+    assert forecast.order_of("taylor1-cfg") == 1 and forecast.order_of("taylor2-cfg") == 2
+    assert forecast.on_cfg_mean("taylor1-cfg") and not forecast.on_cfg_mean("taylor1")
+
+
+def test_cfg_forecast_extrapolates_the_guidance_mean_only(tokenizer_dir):
+    pipe = make_pipe("sd", tokenizer_dir, scheduler="DPMSolverMultistepScheduler")
+    full = [0, 2, 3, 6, 8]
+    rec = _Boundary(pipe.unet, 1)
+    with accel.apply(pipe, accel.FeatureCache(schedule=full, forecast="taylor1-cfg", branch=1)) as h:
+        out = run(pipe, steps=10, batch=2)  # guidance on: a batch of 4, [uncond; cond]
+        assert h.stats()["full"] == len(full)
+    rec.close()
+    F = rec.seen
+    assert torch.isfinite(out).all() and len(F) == 10 and F[0].shape[0] == 4
+    for t in range(10):
+        if t in full:
+            continue
+        xs = forecast.sources(full, t, 1)
+        lin = sum(w * F[x] for w, x in zip(forecast.weights(xs, t), xs))
+        torch.testing.assert_close(F[t], forecast.cfg_mean_step(lin, F[xs[0]]), rtol=1e-5, atol=1e-6)
+        (u, c), (lu, lc) = F[t].chunk(2), F[xs[0]].chunk(2)
+        torch.testing.assert_close(c - u, lc - lu, rtol=1e-5, atol=1e-5)
+    # guidance off (no halves): the plain forecast, bit for bit; with skill too
+    for trust in (None, "skill"):
+        outs = []
+        for name in ("taylor1", "taylor1-cfg"):
+            with accel.apply(pipe, accel.FeatureCache(interval=3, forecast=name, trust=trust)):
+                outs.append(run(pipe, steps=10, batch=2, guidance=1.0))
+        assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="guidance halves"):
+        accel.FeatureCache(schedule="calibrated", forecast="taylor1-cfg", correction="dec-mean")
+
+
+def test_cfg_forecast_schedule_is_refined_with_it(tokenizer_dir):
+    pipe = make_pipe("sd", tokenizer_dir, scheduler="DPMSolverMultistepScheduler")
+    fc = accel.FeatureCache(schedule="calibrated", forecast="taylor1-cfg", trust="skill")
+    assert fc.prediction == "taylor1-cfg+skill"
+    calib = calibrate(pipe, accel.Recipe("t", [fc]), PROMPTS, steps=8, budget=3, batch_size=2, progress=False,
+                      refine_evals=4)
+    c = calib.cache(0)
+    assert c.refined_budgets("taylor1-cfg+skill") == [3] and c.refined_budgets("taylor1+skill") == []
+    with accel.apply(pipe, fc, calibration=calib) as h:
+        assert torch.isfinite(run(pipe, steps=8)).all() and h.stats()["full"] == 3

@@ -80,7 +80,11 @@ class FeatureCache(Transform):
             the calibrated budget); one calibration serves every budget.
         forecast: what a cached call hands the shallow path: ``None`` the last full call's feature (DeepCache),
             ``"taylor1"`` / ``"taylor2"`` its extrapolation from the last 2 / 3 full calls in the call index
-            (TaylorSeer's finite-difference Taylor expansion, :mod:`accel.transforms.forecast`).
+            (TaylorSeer's finite-difference Taylor expansion, :mod:`accel.transforms.forecast`);
+            ``"taylor1-cfg"`` / ``"taylor2-cfg"`` under classifier-free guidance extrapolate only the mean of the
+            unconditional and conditional halves and keep their difference from the last full call (it does not move
+            along a line: :func:`accel.transforms.forecast.cfg_mean_step`); best at few steps (DPM-Solver++ 25);
+            without guidance (the pipeline's ``do_classifier_free_guidance`` off) they are ``"taylor1"`` / ``"taylor2"``.
         trust: ``"skill"`` scales each sample's forecast step by how well the forecast did at the last full call,
             against reuse (:func:`accel.transforms.forecast.skill`: 1 = as extrapolated, 0 = reuse), on the device;
             extrapolating far (few steps, long gaps) otherwise feeds errors back into the trajectory.
@@ -119,10 +123,14 @@ class FeatureCache(Transform):
         if self.correction not in (None, "dec", "dec-mean"):
             raise ValueError(f"correction {self.correction!r}: use None, 'dec' or 'dec-mean'")
         self._order = forecasting.order_of(self.forecast)
+        self._cfg = forecasting.on_cfg_mean(self.forecast)
+        if self._cfg and self.correction is not None:
+            raise ValueError(f"forecast={self.forecast!r} mixes the guidance halves, which the calibrated correction "
+                             "cannot model: use forecast='taylor1' with a correction, or no correction")
         if self.trust not in (None, "skill"):
             raise ValueError(f"trust {self.trust!r}: use None or 'skill'")
         if self.trust is not None and self._order == 0:
-            raise ValueError("trust='skill' weighs a forecast: give forecast='taylor1' or 'taylor2'")
+            raise ValueError("trust='skill' weighs a forecast: give forecast='taylor1', 'taylor2' (or a '-cfg' one)")
         if self.trust is not None and self.correction is not None:
             raise ValueError("trust='skill' damps each sample's forecast at run time, which the calibrated correction "
                              "cannot model: use one of trust and correction")
@@ -174,6 +182,8 @@ class FeatureCache(Transform):
     def _on_tick(self, clock):
         t = clock.step
         if t == 0:
+            # a '-cfg' forecast splits the batch in guidance halves only when the pipeline runs guidance (host bool)
+            self._split = self._cfg and bool(getattr(self._pipe, "do_classifier_free_guidance", False))
             full = self.full_calls(clock.total)
             self._plan = set(full) if full is not None else None
             self._shape, self._run = clock.batch_shape, 0
@@ -244,19 +254,22 @@ class FeatureCache(Transform):
     def _keep(self, store: list, f):
         """Keep a full call's feature for the forecast (newest first, as many as the forecast needs)."""
         if self.trust is not None and store is self._features:
-            self._skill = forecasting.skill(f, store, self._idx, self._order)
+            self._skill = forecasting.skill(f, store, self._idx, self._order, cfg=self._split)
         store.insert(0, f)
         del store[self._depth:]
 
     def _forecast(self, store: list):
         """``sum_m w_m F_{x_m}`` over the kept features (Lagrange form of the Taylor expansion); with
-        ``trust="skill"``, the step from the last feature scaled per sample by the forecast's skill."""
+        ``trust="skill"``, the step from the last feature scaled per sample by the forecast's skill; with a ``-cfg``
+        forecast under guidance, the step averaged over the guidance halves."""
         w = self._w
         h = store[0] * w[0]
         for m in range(1, self._sources):
             h = h + store[m] * w[m]
         if self._skill is not None and store is self._features:
             h = torch.lerp(store[0], h, self._skill)
+        if self._split and store is self._features:
+            h = forecasting.cfg_mean_step(h, store[0])
         return h
 
     # -- attach / detach ---------------------------------------------------------------------------
@@ -286,6 +299,7 @@ class FeatureCache(Transform):
             attach(ctx.unet.conv_in, adaptive.Probe(self), self.hook_name, root=ctx.unet)
             self._hooks["conv_in"] = (ctx.unet.conv_in, None)
         self._full, self._shape, self._clock = True, None, ctx.clock
+        self._pipe, self._split = ctx.pipe, False
         self._stats = _Stats()
         ctx.clock.add_listener(self.hook_name, self._on_tick)
 
@@ -294,7 +308,7 @@ class FeatureCache(Transform):
         for module, _ in self._hooks.values():
             detach(module, self.hook_name, root=ctx.unet)
         self._hooks = {}
-        self._idx, self._features, self._probes, self._clock = [], [], [], None
+        self._idx, self._features, self._probes, self._clock, self._pipe = [], [], [], None, None
 
     def stats(self) -> dict:
         """Full and cached UNet calls since apply, in all and per pipeline call."""
