@@ -150,7 +150,7 @@ class FeatureCache(Transform):
         self._idx: list[int] = []        # the full calls the forecast uses, newest first
         self._features: list = []        # the boundary feature at those calls
         self._probes: list = []          # the probe feature at those calls (adaptive)
-        self._w = torch.zeros(forecasting.ORDERS["taylor2"] + 1)  # forecast weights of this call (host tensor)
+        self._w = torch.zeros(forecasting.ORDERS["taylor2"] + 1)  # forecast weights of this call (on the features' device)
         self._sources = 1
         self._stats = _Stats()
 
@@ -217,7 +217,12 @@ class FeatureCache(Transform):
         """The forecast weights for call ``t`` from the full calls kept (used if ``t`` is cached)."""
         self._sources = min(len(self._idx), self._order + 1)
         if self._sources > 1:
-            self._w[: self._sources] = torch.tensor(forecasting.weights(self._idx[: self._sources], t))
+            kept = self._features or self._probes
+            dev = kept[0].device if kept else self._w.device
+            w = torch.tensor(forecasting.weights(self._idx[: self._sources], t), dtype=torch.float32,
+                             pin_memory=dev.type == "cuda")
+            # on the features' device, copied without a host sync: no CPU tensor in a compiled or captured call
+            self._w = w.to(dev, non_blocking=True)
 
     def _settle(self, t):
         """The call is decided: count it, and pick the correction of a cached call."""
@@ -302,6 +307,26 @@ class FeatureCache(Transform):
         self._pipe, self._split = ctx.pipe, False
         self._stats = _Stats()
         ctx.clock.add_listener(self.hook_name, self._on_tick)
+        ctx.clock.add_listener(self.hook_name, self._after_call, after=True)
+
+    def _after_call(self, clock):
+        """After a full call replayed from CUDA graphs: what is kept for the next calls is copied out of the graph's
+        memory pool, which the next replay of that graph overwrites (what torch's CUDA-graph trees ask of tensors
+        kept across calls: "clone the tensor outside of torch.compile")."""
+        if not (clock.cudagraphs and self._full):
+            return
+        from torch.utils._pytree import tree_map
+
+        copy = lambda t: t.clone() if isinstance(t, torch.Tensor) else t  # noqa: E731
+        for _, hook in self._hooks.values():
+            if hook is not None and hook.kept is not None:
+                hook.kept = tree_map(copy, hook.kept)
+                if hook.boundary and self._features:
+                    self._features[0] = feature_of(hook.kept)
+        if self._probes:
+            self._probes[0] = self._probes[0].clone()
+        if self._skill is not None:
+            self._skill = self._skill.clone()
 
     def detach(self, ctx: Context) -> None:
         ctx.clock.remove_listener(self.hook_name)
