@@ -4,7 +4,7 @@ For each sampler setting (50-step PNDM, 25-step DPM-Solver++ multistep, 30-step 
 
 1. Calibrations on the *train* prompts (``accel calibrate``'s defaults: 8 prompts, the refinement and the
    adaptive threshold on the first ``refine_prompts`` of them): CacheQuant's DP, the DP refined with plain
-   reuse and refined with the ``taylor1`` forecast, and the adaptive schedule's threshold with and without the
+   reuse, with the ``taylor1`` forecast and with ``taylor1-cfg`` (recipe cache-forecast-cfg), and the adaptive schedule's threshold with and without the
    forecast, for the budgets of DeepCache's uniform schedule at the intervals asked for.
 2. Every mode run on *held-out* prompts and seeds (never calibrated on), compared with the uncached images of
    the same seeds: full calls actually spent (``Handle.stats()``: adaptive modes decide per call and per batch),
@@ -105,13 +105,25 @@ def modes(k: int, interval: int):
             ("refined + taylor1", FC(schedule="calibrated", budget=k, forecast="taylor1")),
             ("refined + taylor1 + DEC-mean", FC(schedule="calibrated", budget=k, forecast="taylor1", correction="dec-mean")),
             ("refined + taylor1 + skill", FC(schedule="calibrated", budget=k, **skill)),
+            ("refined + taylor1-cfg", FC(schedule="calibrated", budget=k, forecast="taylor1-cfg")),
             ("adaptive", FC(schedule="adaptive", budget=k)),
             ("adaptive + taylor1", FC(schedule="adaptive", budget=k, forecast="taylor1")),
             ("adaptive + taylor1 + skill", FC(schedule="adaptive", budget=k, **skill))]
 
 
+def calibrations():
+    """The caches ``measure`` calibrates (one ``accel calibrate`` each, merged): a refined schedule and an adaptive
+    threshold for reuse, taylor1 and taylor1 + skill, and a refined schedule for taylor1-cfg (recipe
+    cache-forecast-cfg). Every calibrated mode of :func:`modes` reads what one of them found."""
+    from accel import FeatureCache as FC
+
+    out = [FC(schedule=s, **f) for s in ("calibrated", "adaptive")
+           for f in ({}, dict(forecast="taylor1"), dict(forecast="taylor1", trust="skill"))]
+    return out + [FC(schedule="calibrated", forecast="taylor1-cfg")]
+
+
 CALIBRATED = ("DP (CacheQuant)", "refined DP", "refined + taylor1", "refined + taylor1 + DEC-mean",
-              "refined + taylor1 + skill", "adaptive", "adaptive + taylor1", "adaptive + taylor1 + skill")
+              "refined + taylor1 + skill", "refined + taylor1-cfg", "adaptive", "adaptive + taylor1", "adaptive + taylor1 + skill")
 
 
 def _generate(pipe, prompts, steps, guidance, seed, batch_size=8):
@@ -151,9 +163,7 @@ def measure(scheduler: str, steps: int, num_prompts: int = 32, seed: int = 0, in
     budgets = [len(range(0, n, i)) for i in intervals]
     ref_budgets = [len(range(0, n, i)) for i in REFERENCE_ONLY]
     t0 = time.time()
-    FC = accel.FeatureCache
-    recipes = [FC(schedule=s, **f) for s in ("calibrated", "adaptive")
-               for f in ({}, dict(forecast="taylor1"), dict(forecast="taylor1", trust="skill"))]
+    recipes = calibrations()
     calibs = [calibrate(pipe, accel.Recipe("curves", [r]), steps=steps, budget=budgets, guidance=GUIDANCE,
                         progress=progress, refine_prompts=refine_prompts, refine_evals=refine_evals)
               for r in tqdm(recipes, desc=f"calibrate {scheduler}", disable=not progress)]
@@ -230,7 +240,7 @@ def markdown(c: Curves) -> str:
     s = summary(c)
     lines = [f"### {c.scheduler}, {c.steps} steps ({c.calls} UNet calls), {c.prompts} held-out prompts\n",
              f"Calibrations (DP statistics; schedules refined and adaptive thresholds found for reuse, taylor1 and "
-             f"taylor1 + skill; {len(c.budgets)} budgets: {c.budgets}): {c.calibration_s:.0f} s.\n",
+             f"taylor1 + skill, schedules refined for taylor1-cfg; {len(c.budgets)} budgets: {c.budgets}): {c.calibration_s:.0f} s.\n",
              "| asked (uniform interval) | mode | full calls spent | PSNR mean | PSNR median | SSIM | flipped | fit PSNR "
              "| iso-fidelity ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for i in sorted({p.interval for p in c.points}):

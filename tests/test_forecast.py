@@ -339,3 +339,22 @@ def test_cfg_forecast_schedule_is_refined_with_it(tokenizer_dir):
     assert c.refined_budgets("taylor1-cfg+skill") == [3] and c.refined_budgets("taylor1+skill") == []
     with accel.apply(pipe, fc, calibration=calib) as h:
         assert torch.isfinite(run(pipe, steps=8)).all() and h.stats()["full"] == 3
+
+
+def test_cache_forecast_cfg_recipe_and_curves_bench_mode():
+    """Recipe cache-forecast-cfg is the refined schedule with the guidance-mean forecast (no skill), and the curves
+    bench (`make bench-cache`) runs it at every sampler, with a calibration that refines its schedule."""
+    from accel import bench_cache
+
+    recipe = accel.recipe.load("cache-forecast-cfg")
+    cfg = accel.FeatureCache(schedule="calibrated", forecast="taylor1-cfg")
+    assert [t.to_dict() for t in recipe.transforms] == [cfg.to_dict()] and "cache-forecast-cfg" in accel.recipe.available()
+    calibrated = {(t.schedule, t.prediction) for t in bench_cache.calibrations()}
+    for interval in bench_cache.INTERVALS:
+        named = dict(bench_cache.modes(7, interval))
+        mode = named["refined + taylor1-cfg"]
+        assert (mode.schedule, mode.forecast, mode.trust, mode.budget) == ("calibrated", "taylor1-cfg", None, 7)
+        for name, t in named.items():  # every calibrated mode finds what it reads in one of the calibrations
+            if t.schedule in ("calibrated", "adaptive"):
+                assert name in bench_cache.CALIBRATED and (t.schedule, t.prediction) in calibrated, name
+    assert "refined + taylor1-cfg" in bench_cache.CALIBRATED
