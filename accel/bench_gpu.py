@@ -402,29 +402,10 @@ def graph_time(fn: Callable, plan: Plan, n: int = 20) -> float | None:
     overhead (None off CUDA, or when ``fn`` cannot be captured)."""
     if plan.device != "cuda":
         return None
+    from .timing import cuda_graph_time
+
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up (autotuning) outside the capture
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(n):
-                fn()
-        graph.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(plan.repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3 / n)
-        return statistics.median(times)
+        return cuda_graph_time(fn, n, plan.repeats)
     except Exception:  # noqa: BLE001 -- reported as "—"; the traceback goes to stderr
         traceback.print_exc(file=sys.stderr)
         return None
@@ -578,19 +559,20 @@ def _measure(plan: Plan, pipe, call: Callable, transforms, cal, compiled: bool |
             torch._dynamo.reset()
 
 
-def _fp8(recipe_name: str = "w8a8"):
-    """The recipe's quantizer with fp8 (e4m3) weights and activations (same calibration), or None where
-    ``Quantize`` has no fp8 path or the GPU has no fp8 tensor cores (before sm_89)."""
-    import dataclasses
-
+def _quant(recipe_name: str = "w8a8", **changes):
+    """The recipe's quantizer with ``changes`` (same calibration)."""
     import accel
 
     quant = accel.recipe.load(recipe_name).transforms[0]
-    if "dtype" not in {f.name for f in dataclasses.fields(quant)}:
-        return None
+    return [type(quant)(**{**quant.to_dict_fields(), **changes})]
+
+
+def _fp8():
+    """The w8a8 quantizer with fp8 (e4m3) weights and activations, or None where the GPU has no fp8 tensor cores
+    (before sm_89)."""
     if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
         return None
-    return [type(quant)(**{**quant.to_dict_fields(), "dtype": "fp8"})]
+    return _quant(dtype="fp8")
 
 
 def _cache_only(recipe_name: str = "cachequant-w8a8"):
@@ -611,7 +593,8 @@ def e2e_rows(plan: Plan) -> list[tuple[str, object, object]]:
     fp8 = _fp8()
     quick = [(fl, None, False),
              (f"{fl}{cg}", None, CUDAGRAPHS),
-             (f"W8A8{cg}", "w8a8", CUDAGRAPHS)]
+             (f"W8A8{cg}", "w8a8", CUDAGRAPHS),
+             (f"W8A8, only the layers measured faster (select=speed){cg}", _quant(select="speed"), CUDAGRAPHS)]
     if fp8 is not None:
         quick.append((f"fp8{cg}", fp8, CUDAGRAPHS))
     quick += [("cache I=5", [accel.FeatureCache(interval=5)], False),

@@ -113,18 +113,34 @@ def direct() -> bool:
     return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and _current_mode() is None
 
 
+def in_graph() -> bool:
+    """Whether a static layer call is being traced by ``torch.compile`` for inference: then its activation's
+    quantization is written as torch ops before the op (:func:`.ops.quantize_codes`), which inductor fuses into
+    the kernel that produces the activation, and the op gets the int8 codes (``accel::linear_codes`` /
+    ``accel::conv2d_codes``). With gradients on, the op keeps its straight-through backward."""
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled()
+
+
 def linear(x, w, w_scale, w_zero=None, bias=None, w_sum=None, qtable=None, step=None, backend=None):
     """A quantized Linear on float ``x (..., K)``: the ``accel::linear`` op (static with ``qtable``, else
     dynamic per token); output in ``x.dtype``."""
     shape = x.shape
-    op = ops.linear_impl if direct() else torch.ops.accel.linear
-    y = op(x.reshape(-1, shape[-1]), w, w_scale, w_zero, bias, w_sum, qtable, step, choose(x.device, backend))
+    x2, backend = x.reshape(-1, shape[-1]), choose(x.device, backend)
+    if qtable is not None and in_graph():
+        y = torch.ops.accel.linear_codes(ops.quantize_codes(x2, qtable, step), w, w_scale, w_zero, bias, w_sum,
+                                         qtable, step, x.dtype, backend)
+    else:
+        y = (ops.linear_impl if direct() else torch.ops.accel.linear)(x2, w, w_scale, w_zero, bias, w_sum, qtable,
+                                                                      step, backend)
     return y.reshape(*shape[:-1], w.shape[0])
 
 
 def conv2d(x, w, w_scale, qtable, w_zero=None, bias=None, w_sum=None, w_tap=None, step=None, residual=None,
            stride=1, padding=0, backend=None):
     """A quantized zero-padded Conv2d on float NCHW ``x``: the ``accel::conv2d`` op (see :mod:`.ops`)."""
+    backend = choose(x.device, backend)
+    if in_graph():
+        return torch.ops.accel.conv2d_codes(ops.quantize_codes(x, qtable, step), w, w_scale, w_zero, bias, w_sum,
+                                            w_tap, qtable, step, residual, stride, padding, x.dtype, backend)
     op = ops.conv2d_impl if direct() else torch.ops.accel.conv2d
-    return op(x, w, w_scale, w_zero, bias, w_sum, w_tap, qtable, step, residual, stride, padding,
-              choose(x.device, backend))
+    return op(x, w, w_scale, w_zero, bias, w_sum, w_tap, qtable, step, residual, stride, padding, backend)

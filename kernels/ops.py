@@ -86,20 +86,32 @@ linear.register_autograd(_linear_backward, setup_context=_save_weights)
 
 
 # ----------------------------------------------------------------------------------- conv2d
-def conv2d_impl(x: Tensor, w: Tensor, w_scale: Tensor, w_zero: Optional[Tensor], bias: Optional[Tensor],
-                w_sum: Optional[Tensor], w_tap: Optional[Tensor], qtable: Tensor, step: Optional[Tensor],
-                residual: Optional[Tensor], stride: int, padding: int, backend: str) -> Tensor:
+def _conv(x: Tensor, w: Tensor, w_scale: Tensor, w_zero: Optional[Tensor], bias: Optional[Tensor],
+          w_sum: Optional[Tensor], w_tap: Optional[Tensor], qtable: Tensor, step: Optional[Tensor],
+          residual: Optional[Tensor], stride: int, padding: int, out_dtype: torch.dtype, backend: str) -> Tensor:
+    """Both conv ops: ``x`` float (quantized with the table row) or int8 codes; Triton writes into the output it is
+    given, the reference's result is laid out as Triton's would be."""
     if backend == "triton":
-        shape = conv_out_shape(x, w, stride, padding)
         y = torch.empty_like(residual) if residual is not None else \
-            torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=conv_out_format(x, backend))
+            torch.empty(conv_out_shape(x, w, stride, padding), dtype=out_dtype, device=x.device,
+                        memory_format=conv_out_format(x, backend))
         return _triton().conv2d(x, w, w_scale, y, qtable=qtable, step=step, w_zero=w_zero, bias=bias, w_sum=w_sum,
                                 w_tap=w_tap, residual=residual, stride=stride, padding=padding)
-    y = reference.w8a8_conv2d_static(x, w, w_scale, w_zero, bias, w_sum, w_tap, qtable, step, residual, stride,
-                                     padding)
+    if x.is_floating_point():  # (out_dtype is x.dtype)
+        y = reference.w8a8_conv2d_static(x, w, w_scale, w_zero, bias, w_sum, w_tap, qtable, step, residual, stride,
+                                         padding)
+    else:
+        y = reference.w8a8_conv2d_codes(x, w, w_scale, w_zero, bias, w_sum, w_tap, qtable, step, residual, stride,
+                                        padding, out_dtype)
     if residual is not None:
         return torch.empty_like(residual).copy_(y)
     return y.contiguous(memory_format=conv_out_format(x, backend))
+
+
+def conv2d_impl(x: Tensor, w: Tensor, w_scale: Tensor, w_zero: Optional[Tensor], bias: Optional[Tensor],
+                w_sum: Optional[Tensor], w_tap: Optional[Tensor], qtable: Tensor, step: Optional[Tensor],
+                residual: Optional[Tensor], stride: int, padding: int, backend: str) -> Tensor:
+    return _conv(x, w, w_scale, w_zero, bias, w_sum, w_tap, qtable, step, residual, stride, padding, x.dtype, backend)
 
 
 @torch.library.custom_op("accel::conv2d", mutates_args=())
@@ -136,7 +148,66 @@ def _conv_backward(ctx, grad):
 
 conv2d.register_autograd(_conv_backward, setup_context=_save_conv)
 
-IMPLS = {torch.ops.accel.linear.default: linear_impl, torch.ops.accel.conv2d.default: conv2d_impl}
+# ----------------------------------------------------------------------------------- on int8 codes
+# What a compiled static layer calls: the activation's quantization is written as torch ops before it
+# (:func:`quantize_codes`), which inductor fuses into the kernel that produces the activation (GroupNorm + SiLU,
+# LayerNorm, the residual add), so the quantization costs no pass over memory of its own; the op gets the codes.
+def quantize_codes(x: Tensor, qtable: Tensor, step: Optional[Tensor]) -> Tensor:
+    """The static quantizer's int8 codes of ``x`` in torch ops (row ``step`` of ``qtable``): the integers of the
+    ops' own quantization (:func:`reference.quantize_static`), the layout of ``x``."""
+    s, m = reference.table_row(qtable, step)
+    return reference.quantize_static(x, s, 0, m)
+
+
+def linear_codes_impl(q: Tensor, w: Tensor, w_scale: Tensor, w_zero: Optional[Tensor], bias: Optional[Tensor],
+                      w_sum: Optional[Tensor], qtable: Tensor, step: Optional[Tensor], out_dtype: torch.dtype,
+                      backend: str) -> Tensor:
+    if backend == "triton":
+        return _triton().gemm(q, w, w_scale, qtable=qtable, step=step, w_zero=w_zero, bias=bias, w_sum=w_sum,
+                              out_dtype=out_dtype)[0]
+    return reference.w8a8_linear_codes(q, w, w_scale, w_zero, bias, w_sum, qtable, step, out_dtype)
+
+
+@torch.library.custom_op("accel::linear_codes", mutates_args=())
+def linear_codes(q: Tensor, w: Tensor, w_scale: Tensor, w_zero: Optional[Tensor], bias: Optional[Tensor],
+                 w_sum: Optional[Tensor], qtable: Tensor, step: Optional[Tensor], out_dtype: torch.dtype,
+                 backend: str) -> Tensor:
+    """:func:`linear` on the int8 codes ``q (M, K)`` of row ``step`` of ``qtable`` (inference: no gradient)."""
+    return linear_codes_impl(q, w, w_scale, w_zero, bias, w_sum, qtable, step, out_dtype, backend)
+
+
+@linear_codes.register_fake
+def _(q, w, w_scale, w_zero, bias, w_sum, qtable, step, out_dtype, backend):
+    return q.new_empty((q.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+def conv2d_codes_impl(q: Tensor, w: Tensor, w_scale: Tensor, w_zero: Optional[Tensor], bias: Optional[Tensor],
+                      w_sum: Optional[Tensor], w_tap: Optional[Tensor], qtable: Tensor, step: Optional[Tensor],
+                      residual: Optional[Tensor], stride: int, padding: int, out_dtype: torch.dtype,
+                      backend: str) -> Tensor:
+    return _conv(q, w, w_scale, w_zero, bias, w_sum, w_tap, qtable, step, residual, stride, padding, out_dtype, backend)
+
+
+@torch.library.custom_op("accel::conv2d_codes", mutates_args=())
+def conv2d_codes(q: Tensor, w: Tensor, w_scale: Tensor, w_zero: Optional[Tensor], bias: Optional[Tensor],
+                 w_sum: Optional[Tensor], w_tap: Optional[Tensor], qtable: Tensor, step: Optional[Tensor],
+                 residual: Optional[Tensor], stride: int, padding: int, out_dtype: torch.dtype,
+                 backend: str) -> Tensor:
+    """:func:`conv2d` on the int8 NCHW codes ``q`` of row ``step`` of ``qtable`` (inference: no gradient)."""
+    return conv2d_codes_impl(q, w, w_scale, w_zero, bias, w_sum, w_tap, qtable, step, residual, stride, padding,
+                             out_dtype, backend)
+
+
+@conv2d_codes.register_fake
+def _(q, w, w_scale, w_zero, bias, w_sum, w_tap, qtable, step, residual, stride, padding, out_dtype, backend):
+    if residual is not None:
+        return torch.empty_like(residual)
+    return torch.empty(conv_out_shape(q, w, stride, padding), dtype=out_dtype, device=q.device,
+                       memory_format=conv_out_format(q, backend))
+
+
+IMPLS = {torch.ops.accel.linear.default: linear_impl, torch.ops.accel.conv2d.default: conv2d_impl,
+         torch.ops.accel.linear_codes.default: linear_codes_impl, torch.ops.accel.conv2d_codes.default: conv2d_codes_impl}
 
 
 # ----------------------------------------------------------------------------------- FLOP counting
@@ -152,6 +223,9 @@ def _register_flop_formulas():
     @register_flop_formula(torch.ops.accel.conv2d)
     def _conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
         return 2 * math.prod(out_shape) * math.prod(w_shape[1:])
+
+    register_flop_formula(torch.ops.accel.linear_codes)(_linear_flops)
+    register_flop_formula(torch.ops.accel.conv2d_codes)(_conv_flops)
 
 
 _register_flop_formulas()

@@ -89,11 +89,18 @@ def w8a8_linear_static(x: torch.Tensor, w, w_scale, w_zero=None, bias=None, w_su
     """Float ``x (M, K)`` quantized with the table's ``(s, m)``: ``s s_w (q (W_q - z_w)) + (m W 1 + bias)``
     (``w_sum``: the dequantized ``W 1``; None for an unshifted quantizer)."""
     s, m = table_row(qtable, step)
-    q = quantize_static(x, s, 0, m)
+    return w8a8_linear_codes(quantize_static(x, s, 0, m), w, w_scale, w_zero, bias, w_sum, qtable, step,
+                             out_dtype or x.dtype)
+
+
+def w8a8_linear_codes(q: torch.Tensor, w, w_scale, w_zero=None, bias=None, w_sum=None, qtable=None, step=None,
+                      out_dtype=torch.float32) -> torch.Tensor:
+    """The static GEMM on the int8 codes ``q (M, K)`` a static quantizer (table row ``step``) wrote."""
+    s, m = table_row(qtable, step)
     b = None if bias is None else bias.float()
     if w_sum is not None:
         b = m * w_sum if b is None else m * w_sum + b
-    return w8a8_gemm(q, w, s, w_scale, b, 0, w_zero, out_dtype or x.dtype)
+    return w8a8_gemm(q, w, s, w_scale, b, 0, w_zero, out_dtype)
 
 
 def outside_taps(w_tap: torch.Tensor, h: int, w: int, kh: int, kw: int, stride: int, padding: int) -> torch.Tensor:
@@ -115,16 +122,23 @@ def w8a8_conv2d_static(x: torch.Tensor, w, w_scale, w_zero=None, bias=None, w_su
     ``w_tap (O, KH * KW)``: the dequantized weight summed over input channels (and taps), for the shift;
     ``residual``: added in float32 before the cast to ``x.dtype`` (the other half of a split input)."""
     s, m = table_row(qtable, step)
-    q = quantize_static(x, s, 0, m)
+    return w8a8_conv2d_codes(quantize_static(x, s, 0, m), w, w_scale, w_zero, bias, w_sum, w_tap, qtable, step,
+                             residual, stride, padding, x.dtype)
+
+
+def w8a8_conv2d_codes(q: torch.Tensor, w, w_scale, w_zero=None, bias=None, w_sum=None, w_tap=None, qtable=None,
+                      step=None, residual=None, stride=1, padding=0, out_dtype=torch.float32) -> torch.Tensor:
+    """The static conv on the int8 NCHW codes ``q`` a static quantizer (table row ``step``) wrote."""
+    s, m = table_row(qtable, step)
     b = None if bias is None else bias.float()
     if w_sum is not None:
         b = m * w_sum if b is None else m * w_sum + b
     y = w8a8_conv2d(q, w, s, w_scale, b, stride, padding, w_zero, torch.float32)
     if w_sum is not None and padding > 0:
-        y = y - m * outside_taps(w_tap, x.shape[2], x.shape[3], w.shape[2], w.shape[3], stride, padding)
+        y = y - m * outside_taps(w_tap, q.shape[2], q.shape[3], w.shape[2], w.shape[3], stride, padding)
     if residual is not None:
-        return (y + residual.float()).to(x.dtype)
-    return y.to(x.dtype)
+        return (y + residual.float()).to(out_dtype)
+    return y.to(out_dtype)
 
 
 def conv2d_int8(x_q: torch.Tensor, w_q: torch.Tensor, stride=1, padding=0) -> torch.Tensor:

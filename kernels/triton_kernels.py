@@ -389,6 +389,9 @@ def gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, a_scale: to
         elif mode == A_DYNAMIC and not FUSE_QUANT:  # the same integers and per-row scales as the fused pass
             a, a_scale = quantize_per_token(a)
             mode, row_scales = A_INT8, a_scale
+    elif qtable is not None:  # int8 codes a static quantizer wrote (table row ``step``: the epilogue's scale, shift)
+        mode = A_CODES
+        out_dtype = out_dtype or torch.float32
     else:
         mode = A_INT8
         out_dtype = out_dtype or torch.float32
@@ -539,7 +542,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, y: torch.Ten
     _, _, ho, wo = y.shape
     if w.stride(1) != 1:
         raise ValueError("conv weights must be laid out with contiguous input channels (channels_last)")
-    mode = A_STATIC if x.is_floating_point() else A_INT8
+    mode = A_STATIC if x.is_floating_point() else A_CODES if qtable is not None else A_INT8
     if mode == A_STATIC and qtable is None:
         raise ValueError("a float input needs the quantizer table qtable")
     if mode == A_STATIC and not FUSE_QUANT:

@@ -48,6 +48,7 @@ def test_gpu_bench_dry_run_and_not_run(tmp_path, monkeypatch):
     from accel.cli import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("ACCEL_CACHE_DIR", str(tmp_path / "cache"))  # the select=speed row's measurements
     out = tmp_path / "gpu.md"
     assert main(["bench", "--gpu", "--out", str(out)]) == 0
     assert out.read_text() == bench_gpu.NOT_RUN
@@ -62,6 +63,7 @@ def test_gpu_bench_dry_run_and_not_run(tmp_path, monkeypatch):
             "| W8A8 + torch.compile |", "| cachequant-w8a8 (2 full calls) |", "| float + CUDA graphs |",
             "| W8A8 + CUDA graphs |", "| cache only, cachequant-w8a8's schedule (2 full calls) + CUDA graphs |",
             "| cachequant-w8a8 (2 full calls) + CUDA graphs |", "| float" + ind, "| W8A8" + ind,
+            "| W8A8, only the layers measured faster (select=speed) + CUDA graphs |", "| fp8 + CUDA graphs |",
             "| cachequant-w8a8 (2 full calls)" + ind]
     for row in rows:
         assert text.count(row) == 2, row  # both models

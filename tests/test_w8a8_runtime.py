@@ -302,3 +302,72 @@ def test_eager_inference_skips_the_dispatcher_and_nothing_else_does(tokenizer_di
     xg = x.clone().requires_grad_()
     q(xg).sum().backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+def _static_conv(cin=16, cout=16, k=3, padding=1, shift=0.1):
+    owner = accel.Quantize(mode="static", backend="triton")
+    conv = torch.nn.Conv2d(cin, cout, k, padding=padding)
+    q = QConv2d(owner, "conv", conv, None)
+    q.act_scales, q.act_shifts = torch.full((2, 1), 0.02), torch.full((2, 1), shift)
+    owner._modules = {"conv": q}
+    owner._tables_ready()
+    owner.set_step(1)
+    return owner, q
+
+
+def test_codes_ops_equal_the_float_ops_on_both_backends():
+    """What a compiled static layer runs (torch-op quantization, then `accel::*_codes` on the int8 codes) gives the
+    float-input op's result exactly, Triton (interpreter) and reference alike: the same integers, the same epilogue."""
+    from accel.kernels import ops
+
+    g = torch.Generator().manual_seed(0)
+    owner, qc = _static_conv()
+    x = torch.nn.functional.silu(3 * torch.randn(2, 16, 6, 6, generator=g)).contiguous(memory_format=torch.channels_last)
+    table, step = qc.act_table0, owner._step_t
+    w = (qc.weight_q0, qc.weight_scale0, qc.weight_zero0, qc.bias, qc.weight_sum0, qc.weight_tap0)
+    for backend in ("triton", "reference"):
+        want = ops.conv2d_impl(x, *w[:4], w[4], w[5], table, step, None, 1, 1, backend)
+        got = ops.conv2d_codes_impl(ops.quantize_codes(x, table, step), *w[:4], w[4], w[5], table, step, None, 1, 1,
+                                    x.dtype, backend)
+        assert torch.equal(got, want), backend
+    lin = QLinear(owner, "lin", torch.nn.Linear(24, 40))
+    lin.act_scales, lin.act_shifts = torch.full((2, 1), 0.03), torch.full((2, 1), -0.05)
+    xl = torch.randn(10, 24, generator=g)
+    args = (lin.weight_q0, lin.weight_scale0, lin.weight_zero0, lin.bias, lin.weight_sum0)
+    for backend in ("triton", "reference"):
+        want = ops.linear_impl(xl, *args, lin.act_table0, step, backend)
+        got = ops.linear_codes_impl(ops.quantize_codes(xl, lin.act_table0, step), *args, lin.act_table0, step,
+                                    xl.dtype, backend)
+        assert torch.equal(got, want), backend
+
+
+@pytest.mark.slow
+def test_inductor_fuses_the_activation_quantization_into_its_producer():
+    """Compiled with inductor (here its CPU code generator; on a GPU its Triton one), GroupNorm + SiLU + a static
+    W8A8 conv is one generated kernel that normalises, activates and writes the int8 codes (the per-call table row
+    read on the device), then the int8 conv op: the quantization makes no pass over memory of its own."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    owner, q = _static_conv()
+    owner.backend = "reference"  # the generated code calls the op's CPU path
+    gn = torch.nn.GroupNorm(4, 16)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def block(t):
+        return q(torch.nn.functional.silu(gn(t)))
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            eager = block(x)
+            out, code = run_and_get_code(torch.compile(block, fullgraph=True), x)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(out, eager)
+    kernels = set(re.findall(r"cpp_fused_\w+", "\n".join(code)))
+    assert len(kernels) == 1, kernels  # one kernel before the int8 op, nothing after it
+    (name,) = kernels
+    assert all(part in name for part in ("native_group_norm", "silu", "clamp", "index_select")), name
+    assert "torch.ops.accel.conv2d_codes.default" in "\n".join(code)

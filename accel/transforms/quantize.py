@@ -16,10 +16,15 @@
 * GroupNorm, softmax, nonlinearities, the VAE and the text encoder stay in float.
 * Backends: Triton on CUDA, the torch reference on CPU (``backend=`` overrides; ``"triton"`` on CPU runs
   under the interpreter). Every layer call is one ``accel::linear`` / ``accel::conv2d`` custom op
-  (:mod:`accel.kernels.ops`; a split conv is two), so ``torch.compile`` sees one node per layer. With Triton a
-  static layer is one kernel: the activation quantization is fused into the GEMM/conv's A load, its scale
-  and shift read on the device from the per-call table at the device step index; conv outputs are
-  channels_last (the next conv reads contiguous channels without a copy).
+  (:mod:`accel.kernels.ops`; a split conv is two), so ``torch.compile`` sees one node per layer. With Triton an
+  eager static layer is two kernels: an elementwise pass writes the activation's int8 codes, then the int8
+  GEMM/conv runs with the dequantization in its epilogue (the scale and shift read on the device from the
+  per-call table at the device step index; quantizing inside the K loop kept it from being pipelined on an
+  H200); conv outputs are channels_last (the next conv reads contiguous channels without a copy). Eager
+  inference calls the op's implementation directly (:func:`accel.kernels.direct`: the dispatcher's host cost).
+  Traced by ``torch.compile`` for inference, a static layer's quantization is torch ops before an
+  ``accel::linear_codes`` / ``accel::conv2d_codes`` op on the int8 codes (:func:`accel.kernels.in_graph`), which
+  inductor fuses into the kernel that produces the activation (GroupNorm + SiLU, LayerNorm, the residual add).
 * Quantization DEC: on the layers that consume the cached feature, ``Y_fp ~ alpha_t * Y_q + beta_t`` per
   output channel and call, folded into the layer's output (:mod:`accel.transforms.dec`).
 * ``dtype="fp8"``: float8 e4m3 instead of int8 for the Linear layers and 1x1 convs (per-channel weights,
@@ -39,6 +44,7 @@ import contextlib
 import copy
 import fnmatch
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -47,7 +53,7 @@ import torch.nn as nn
 
 from .. import adapters, kernels
 from ..kernels import fp8
-from ..errors import CalibrationError, IrreversibleError
+from ..errors import AccelWarning, CalibrationError, IrreversibleError
 from .base import Context, Transform, register
 
 P_NORM = 2.4
@@ -406,6 +412,9 @@ class Quantize(Transform):
         correction: ``"dec"`` folds the calibrated quantization-error correction into the layers that
             consume the cached feature.
         filter_fn: ``(module, path) -> bool`` (Python API only), like torchao's.
+        select: ``"all"`` quantizes every selected layer (the smallest memory); ``"speed"`` only those whose quantized
+            layer measured faster than the float one on this device at their shape (:mod:`accel.transforms.speed`:
+            measured once per device and shape, kept in the user's cache folder).
         keep_float: keep the float layers (in host memory) so that ``remove()`` restores them and LoRA adapters
             can be loaded or fused later; ``False`` drops them when ``apply`` succeeds (``remove()``, loading and
             fusing adapters are then refused with a one-line error; adapters loaded before ``apply`` still run).
@@ -425,6 +434,7 @@ class Quantize(Transform):
     correction: str | None = None
     filter_fn: Callable | None = None
     keep_float: bool = True
+    select: str = "all"
     order = 10
     _originals: dict = field(default_factory=dict, init=False, repr=False)
     _modules: dict = field(default_factory=dict, init=False, repr=False)
@@ -450,6 +460,9 @@ class Quantize(Transform):
             raise ValueError(f"dtype must be 'int8' or 'fp8' (float8 e4m3), not {self.dtype!r}")
         if not isinstance(self.keep_float, bool):
             raise ValueError("keep_float must be true or false")
+        if self.select not in ("all", "speed"):
+            raise ValueError(f"select must be 'all' or 'speed' (only the layers measured faster quantized), not "
+                             f"{self.select!r}")
         self._dropped = False  # keep_float=False: the float layers are gone
         self._step, self._mode = -1, self.mode
         self._step_t = torch.zeros(1, dtype=torch.int32)  # the current UNet call, on the UNet's device
@@ -465,7 +478,7 @@ class Quantize(Transform):
         return {k: getattr(self, k) for k in ("weights", "activations", "dtype", "weight_scheme", "act_scheme",
                                                "act_clip", "mode", "backend",
                                                "exclude", "split_shortcut", "clip_search", "correction", "filter_fn",
-                                               "keep_float")}
+                                               "keep_float", "select")}
 
     @property
     def weights_symmetric(self) -> bool:
@@ -553,9 +566,24 @@ class Quantize(Transform):
         self._mode = self.mode or ("static" if qcal is not None else "dynamic")
         self._qcal, self._unet, self._bias0 = qcal, unet, {}
         self._originals, self._modules = {}, {}
-        for path, m in self.selected(unet):
+        layers, built = self.selected(unet), {}
+        if self.select == "speed" and layers:
+            from . import speed
+
+            self._step_t = torch.zeros(1, dtype=torch.int32, device=layers[0][1].weight.device)
+
+            def build(path, m):
+                built[path] = self._quantized(unet, path, m)
+                return built[path]
+
+            keep = speed.faster_quantized(self, unet, ctx.pipe, dict(layers), build)
+            if not keep:
+                warnings.warn(f"Quantize(select='speed'): no layer ran faster quantized than in float on "
+                              f"{layers[0][1].weight.device}; nothing is quantized", AccelWarning, stacklevel=3)
+            layers = [(p, m) for p, m in layers if p in keep]
+        for path, m in layers:
             self._originals[path] = m
-            self._modules[path] = self._quantized(unet, path, m)
+            self._modules[path] = built[path] if path in built else self._quantized(unet, path, m)
         _swap(unet, {id(m): self._modules[p] for p, m in self._originals.items()})
         self._track_adapters()
         self._guard_adapter_loaders(unet)
