@@ -371,3 +371,40 @@ def test_inductor_fuses_the_activation_quantization_into_its_producer():
     (name,) = kernels
     assert all(part in name for part in ("native_group_norm", "silu", "clamp", "index_select")), name
     assert "torch.ops.accel.conv2d_codes.default" in "\n".join(code)
+
+
+@pytest.mark.slow
+def test_inductor_quantizes_q_k_v_in_the_layer_norm_kernel():
+    """A LayerNorm feeding three static quantized projections (to_q, to_k, to_v: three calibrated quantizers) is one
+    generated kernel that reads the normalised activation once and writes the three int8 codes."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    owner = accel.Quantize(mode="static")
+    qs = []
+    for i, name in enumerate(("to_q", "to_k", "to_v")):
+        q = QLinear(owner, name, torch.nn.Linear(32, 32))
+        q.act_scales, q.act_shifts = torch.full((2, 1), 0.02 * (i + 1)), torch.full((2, 1), 0.01 * i)
+        qs.append(q)
+    owner._modules = {q.path: q for q in qs}
+    owner._tables_ready()
+    ln = torch.nn.LayerNorm(32)
+    x = torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(0))
+
+    def attention_inputs(t):
+        h = ln(t)
+        return [q(h) for q in qs]
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            eager = attention_inputs(x)
+            out, code = run_and_get_code(torch.compile(attention_inputs, fullgraph=True), x)
+    finally:
+        torch._dynamo.reset()
+    assert all(torch.equal(a, b) for a, b in zip(out, eager))
+    text = "\n".join(code)
+    kernels = set(re.findall(r"cpp_fused_\w+", text))
+    assert len(kernels) == 1 and "native_layer_norm" in next(iter(kernels)), kernels
+    assert text.count("torch.ops.accel.linear_codes.default(") == 3
