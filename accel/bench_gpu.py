@@ -11,17 +11,18 @@ Three sections, each a function below:
     overhead), with the quantization fused into the kernel's A load (graph) and ``torch._int_mm`` (cuBLAS int8
     GEMM alone, no quantization or epilogue; graph).
 (c) :func:`end_to_end`: SD 1.5 and SDXL architectures (random weights, fp16, channels_last, one prompt with CFG,
-    50 steps): fp16, fp16 + compile, cache I=5, W8A8, W8A8 + compile, cachequant-w8a8 (one calibration, made
-    here with one prompt and the same step count), fp16 and W8A8 compiled with CUDA graphs
-    (``mode="reduce-overhead"``: eager W8A8 is bound by launch overhead), seconds per image, speed-up and peak
-    memory.
+    50 steps, 10 with ``--quick``): the rows of :func:`e2e_rows` (fp16, W8A8, W8A8 with ``select="speed"``, fp8,
+    cache I=5, cachequant-w8a8's cache alone and cachequant-w8a8 (one calibration, made here with one prompt and
+    the same step count), eager, compiled, replayed from CUDA graphs without inductor and with it; transformed
+    UNets through :meth:`accel.Handle.compile`), seconds per image, speed-up, peak memory and the UNet's bytes on
+    the device.
 
 Without CUDA the report is the one line "not run" (no CPU figure stands in for a GPU one). ``--dry-run`` runs the
 same functions on CPU with tiny UNets, few steps and the reference backend (a test does; its numbers are CPU
 numbers of tiny models and say so), so the GPU run is the code that CI exercised.
 
 Running it on a machine that has PyTorch and Triton but not diffusers (this workplace's GPU machines; see
-``/work/.library/device/README.md`` there): carry diffusers as a wheel and lay this checkout out as installed
+the device tool's README in the workplace's tool library): carry diffusers as a wheel and lay this checkout out as installed
 (``pyproject.toml`` maps ``kernels/``, ``eval/``, ``recipes/`` into the package; copying needs no setuptools)::
 
     echo /.whl/ >> .git/info/exclude      # once, here
@@ -35,7 +36,8 @@ Running it on a machine that has PyTorch and Triton but not diffusers (this work
     python3 -m accel bench --gpu --out $OUT/GPU_BENCHMARKS.md   # = make bench-gpu, report written as it goes
 
 (That ran on an H200 on 2026-11-26: 435 s for section (a) and SD 1.5 with ``--gpu-budget-s 470``; SDXL needs a run
-of its own, ``--gpu-models sdxl``.)
+of its own, ``--gpu-models sdxl``.) ``bash scripts/gpu_bench.sh`` does all of the GPU-machine part in one command,
+with ``--gpu --quick`` (both models in about 8 minutes, see :func:`gpu_plan`) unless given other arguments.
 (transformers, huggingface_hub >= 1.32, safetensors >= 0.8, regex, requests, Pillow, numpy and tqdm are in that
 image; Python 3.12 needs no importlib_metadata.)
 """
@@ -613,7 +615,6 @@ def e2e_rows(plan: Plan) -> list[tuple[str, object, object]]:
 
 
 def end_to_end(plan: Plan, model: Model, pipe) -> str:
-    import accel
     from .calibrate import calibrate
 
     kw = dict(prompt="a red circle on a blue square", num_inference_steps=plan.steps, guidance_scale=7.5,

@@ -384,10 +384,6 @@ def _split_point(unet, path: str, module: nn.Module) -> int | None:
     return None
 
 
-def default_filter(module: nn.Module, path: str) -> bool:
-    return isinstance(module, (nn.Linear, nn.Conv2d))
-
-
 @register
 @dataclass
 class Quantize(Transform):
