@@ -121,6 +121,23 @@ def test_static_w8a8_call_does_no_host_work(tokenizer_dir, monkeypatch):
         2 * (len(qlin) + len(qconv) + splits)  # per op its int8 codes and its output, nothing else
 
 
+def graph_counter():
+    """``(graphs, backend)``: a torch.compile backend (AOTAutograd's fake tensors and functionalization, eager
+    kernels) that appends every graph it compiles to ``graphs``; dynamo and its counters reset first."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.utils import counters
+
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    counters.clear()
+    return graphs, aot_autograd(fw_compiler=count)
+
+
 @pytest.mark.slow
 def test_compiled_w8a8_pipeline_one_graph_no_recompiles():
     """`accel.apply(pipe, "w8a8", calibration)` then `pipe.unet = torch.compile(pipe.unet)`: a 50-step call
@@ -129,7 +146,6 @@ def test_compiled_w8a8_pipeline_one_graph_no_recompiles():
     functionalization, the ops' fake implementations) with eager kernels: inductor would give the same graph;
     its float reassociation differs from eager by ~1e-7, which flips the odd int8 code (measured: 1 in 4096 at
     the first layer it reaches), so its images are not bit-comparable to eager's."""
-    from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.utils import counters
 
     from accel import miniature
@@ -143,16 +159,9 @@ def test_compiled_w8a8_pipeline_one_graph_no_recompiles():
               output_type="latent")
     with accel.apply(pipe, "w8a8", calibration=cal):
         eager = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
-        graphs = []
-
-        def count(gm, example_inputs):
-            graphs.append(gm)
-            return gm.forward
-
-        torch._dynamo.reset()
-        counters.clear()
+        graphs, backend = graph_counter()
         unet = pipe.unet
-        pipe.unet = torch.compile(unet, backend=aot_autograd(fw_compiler=count))
+        pipe.unet = torch.compile(unet, backend=backend)
         try:
             first = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
             n_first = len(graphs)
@@ -223,7 +232,6 @@ def test_handle_compile_fullgraph_static_w8a8_with_forecasting_cache(tokenizer_d
     value back to the host or has a data-dependent shape (what would keep CUDA-graph replay from capturing them);
     the latents equal eager's. With CUDA-graph replay what the cache keeps across calls is copied out of the
     graph's memory pool after each full call (exercised here by setting the flag the CUDA-graph modes set)."""
-    from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.utils import counters
 
     pipe = small_sd_pipe(tokenizer_dir)
@@ -235,15 +243,8 @@ def test_handle_compile_fullgraph_static_w8a8_with_forecasting_cache(tokenizer_d
     h = accel.apply(pipe, transforms, calibration=cal)
     try:
         eager = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
-        graphs = []
-
-        def count(gm, example_inputs):
-            graphs.append(gm)
-            return gm.forward
-
-        torch._dynamo.reset()
-        counters.clear()
-        h.compile(backend=aot_autograd(fw_compiler=count))  # fullgraph=True: a graph break would raise
+        graphs, backend = graph_counter()
+        h.compile(backend=backend)  # fullgraph=True: a graph break would raise
         first = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
         n_first = len(graphs)
         second = pipe(**kw, generator=torch.Generator().manual_seed(0)).images

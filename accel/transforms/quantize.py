@@ -584,8 +584,7 @@ class Quantize(Transform):
         self._track_adapters()
         self._guard_adapter_loaders(unet)
         self._tables_ready()
-        if self.keep_float:
-            self._offload()
+        self._offload()
         ctx.clock.add_listener(self.hook_name, self._on_tick)
 
     def attached(self, ctx: Context) -> None:
@@ -614,7 +613,10 @@ class Quantize(Transform):
     # -- the float layers for remove(): in host memory while quantized ----------------------------------
     def _offload(self, paths=None) -> None:
         """Move the float layers (all, or ``paths``) to host memory, pinned where CUDA is present. A layer whose
-        LoRA wrapper uses DoRA stays on the device: DoRA reads the base weight at every call."""
+        LoRA wrapper uses DoRA stays on the device: DoRA reads the base weight at every call. ``keep_float=False``:
+        nothing moves (the float layers are dropped once ``apply`` has succeeded)."""
+        if not self.keep_float:
+            return
         for path in self._originals if paths is None else paths:
             wrapper = self._wrappers.get(path)
             if wrapper is not None and any(getattr(wrapper, "use_dora", {}).values()):
@@ -679,8 +681,7 @@ class Quantize(Transform):
                     m.bias.copy_(old.bias if torch.equal(m.bias, bias0) else m.bias + (old.bias - bias0))
             self._modules[path] = swap[id(old)] = self._quantized(self._unet, path, m, dev)
         _swap(self._unet, swap)
-        if self.keep_float:
-            self._offload(paths)
+        self._offload(paths)
 
     def _guard_adapter_loaders(self, unet) -> None:
         """Adapters added after quantizing: while ``unet.add_adapter`` / ``load_lora_adapter`` / ``load_attn_procs``
@@ -722,8 +723,7 @@ class Quantize(Transform):
         finally:
             _swap(unet, {id(m): self._modules[p] for p, m in self._originals.items()})
             self._track_adapters()
-            if self.keep_float:
-                self._offload()
+            self._offload()
 
 
 ADAPTER_LOADERS = ("add_adapter", "load_lora_adapter", "load_attn_procs", "fuse_lora", "unfuse_lora")
