@@ -5,7 +5,7 @@ shift's border-tap sums, per-call tables, the float layers left unquantized), wi
 `remove()` in host memory. The `w8a8` recipe's quantizer (conv_in / conv_out stay float); dynamic mode (a static
 one adds its per-call tables: 8 bytes per layer and call, ~0.1 MiB at 50 calls).
 
-    OMP_NUM_THREADS=1 python scripts/device_bytes.py [sd15] [sdxl]      # a few minutes, ~12 GiB for SDXL
+    OMP_NUM_THREADS=1 python scripts/device_bytes.py [sd15] [sdxl] [miniature]   # a few minutes, ~12 GiB for SDXL
 """
 import sys
 
@@ -21,7 +21,10 @@ cfgs = {"sd15": bench_gpu._sd15_unet(), "sdxl": bench_gpu.SDXL_UNET}
 for name in models:
     import diffusers
 
-    unet = diffusers.UNet2DConditionModel(**cfgs[name]).eval().to(torch.float16)
+    if name == "miniature":  # the shipped weights (narrow layers: per-channel constants weigh more)
+        unet = accel.miniature.load_pipeline().unet.to(torch.float16)
+    else:
+        unet = diffusers.UNet2DConditionModel(**cfgs[name]).eval().to(torch.float16)
     fp16 = device_bytes(unet)
     quant = accel.recipe.load("w8a8").transforms[0]
     quant = type(quant)(**{**quant.to_dict_fields(), "mode": "dynamic", "clip_search": False})
