@@ -29,7 +29,7 @@ test-fast: setup
 
 ## the ScaleLong training experiment (docs/scalelong/summary.json; about an hour on one CPU thread)
 scalelong: setup
-	$(PY) -m accel.miniature.scalelong_experiment --summary docs/scalelong/summary.json
+	$(PY) -m accel.experiments.scalelong --summary docs/scalelong/summary.json
 
 ## regenerate docs/BENCHMARKS.md (about an hour on one CPU thread)
 bench: setup

@@ -1,5 +1,5 @@
-"""LoRA (peft) adapters on a UNet: which modules are adapters, which are the layers they adapt, and what a
-calibration records about them.
+"""A UNet's identity as a calibration records it: its base weights (:func:`fingerprint`, without LoRA adapters)
+and its (peft) LoRA adapters: which modules are adapters, which are the layers they adapt, what they are.
 
 diffusers loads LoRAs through peft (``pip install accel-diffusion[lora]``): ``pipe.load_lora_weights``,
 ``unet.add_adapter(LoraConfig(...))`` and ``unet.load_lora_adapter`` wrap each targeted ``nn.Linear`` /
@@ -14,6 +14,7 @@ Nothing here imports peft: a UNet can only hold tuner layers once peft is import
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import warnings
 from typing import Iterator
@@ -82,6 +83,39 @@ def base_state(root: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 yield (f"{path}.{name}" if path else name), t
 
 
+# ----------------------------------------------------------------------------------- the identity
+def tensor_sample(t: torch.Tensor) -> bytes:
+    """The values :func:`fingerprint` reads of a tensor, as float32 bytes: all of a small tensor; of a larger one
+    its first and last 64 values and, for every output channel (first dimension), 8 values spread over the rest.
+    A fused LoRA changes every row it touches (``W + s B A``), so it shows in the per-row samples even where it
+    leaves the first and last values alone (e.g. a LoRA whose ``B`` is zero outside some middle channels)."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() <= 4096:
+        vals = flat
+    else:
+        rows = flat.reshape(t.shape[0], -1) if t.dim() > 1 else flat.reshape(1, -1)
+        cols = torch.linspace(0, rows.shape[1] - 1, 8, device=flat.device).round().long().unique()
+        vals = torch.cat([flat[:64], flat[-64:], rows[:, cols].reshape(-1)])
+    return vals.to("cpu", torch.float32).numpy().tobytes()
+
+
+def fingerprint(unet) -> str:
+    """A cheap, weight-sensitive identity of a UNet: its config plus, for every tensor, its name, shape and
+    sampled raw values (:func:`tensor_sample`; float64 sums would miss permutations, raw values do not).
+    Unfused LoRA adapters are not part of it (they are recorded beside it, :func:`record`): the
+    base weights are read under their names without adapters; a fused LoRA is in the base weights and changes it."""
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, t in base_state(unet):
+            h.update(f"{name}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(tensor_sample(t))
+    return h.hexdigest()[:32]
+
+
+
 # ----------------------------------------------------------------------------------- the record
 def _adapter_tensors(layer: nn.Module, name: str) -> list[tuple[str, torch.Tensor]]:
     out = []
@@ -113,12 +147,10 @@ def record(unet: nn.Module) -> dict | None:
 
     ``weight`` is the ``set_adapters`` weight (``None`` if it differs between layers); ``digest`` identifies the
     adapter's values and its per-layer scaling (a renamed copy has the same digest, another weight another one).
-    Fused adapters are part of the base weights (and of :func:`accel.calibration.fingerprint`)."""
+    Fused adapters are part of the base weights (and of :func:`fingerprint`)."""
     layers = tuner_layers(unet)
     if not layers:
         return None
-    from .calibration import tensor_sample
-
     per: dict[str, dict] = {}
     enabled, active, fused = False, set(), set()
     for path, layer in layers:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import schedules
+from .adapters import fingerprint, tensor_sample  # noqa: F401  (the model identity a calibration records)
 from .errors import AccelWarning, CalibrationError
 from .transforms.dec import CacheDEC, Moments, coefficient, coefficients
 
@@ -25,39 +26,6 @@ FORMAT = "accel-calibration"
 VERSION = 3  # 2: asymmetric activation quantizers (quant.scale_sym / scale_asym / shift); 3: refined cache schedules (cache.bB.refined.K)
 META_FILE = "accel.json"
 TENSOR_FILE = "calibration.safetensors"
-
-
-def tensor_sample(t: torch.Tensor) -> bytes:
-    """The values :func:`fingerprint` reads of a tensor, as float32 bytes: all of a small tensor; of a larger one
-    its first and last 64 values and, for every output channel (first dimension), 8 values spread over the rest.
-    A fused LoRA changes every row it touches (``W + s B A``), so it shows in the per-row samples even where it
-    leaves the first and last values alone (e.g. a LoRA whose ``B`` is zero outside some middle channels)."""
-    flat = t.detach().reshape(-1)
-    if flat.numel() <= 4096:
-        vals = flat
-    else:
-        rows = flat.reshape(t.shape[0], -1) if t.dim() > 1 else flat.reshape(1, -1)
-        cols = torch.linspace(0, rows.shape[1] - 1, 8, device=flat.device).round().long().unique()
-        vals = torch.cat([flat[:64], flat[-64:], rows[:, cols].reshape(-1)])
-    return vals.to("cpu", torch.float32).numpy().tobytes()
-
-
-def fingerprint(unet) -> str:
-    """A cheap, weight-sensitive identity of a UNet: its config plus, for every tensor, its name, shape and
-    sampled raw values (:func:`tensor_sample`; float64 sums would miss permutations, raw values do not).
-    Unfused LoRA adapters are not part of it (they are recorded beside it, :func:`accel.adapters.record`): the
-    base weights are read under their names without adapters; a fused LoRA is in the base weights and changes it."""
-    from .adapters import base_state
-
-    h = hashlib.sha256()
-    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, t in base_state(unet):
-            h.update(f"{name}{tuple(t.shape)}".encode())
-            if t.numel():
-                h.update(tensor_sample(t))
-    return h.hexdigest()[:32]
 
 
 def refined_name(budget: int, forecast: str | None = None) -> str:

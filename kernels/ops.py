@@ -17,12 +17,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-
-
-def _triton():
-    import sys
-
-    return sys.modules[__package__].triton_module()  # the package (imported first: it imports this module)
+from .backend import triton_module as _triton
 
 
 def conv_out_format(x: Tensor, backend: str) -> torch.memory_format:

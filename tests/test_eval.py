@@ -126,7 +126,7 @@ def test_generated_images_show_the_prompt():
     """The README's second quality figure: >= 80% of 100 generated images (default steps, the miniature's
     recommended guidance) show the prompted shape and colour."""
     from accel import miniature
-    from accel.miniature.check import generation
+    from accel.experiments.miniature_quality import generation
 
     g = generation(100)
     assert g["guidance"] == miniature.GUIDANCE and g["steps"] == 50

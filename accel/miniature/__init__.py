@@ -22,7 +22,7 @@ PIPELINE_DIR = WEIGHTS / "pipeline"
 CLIP_DIR = WEIGHTS / "clip"
 CLIP_NAME = f"local-dir:{CLIP_DIR}"
 # The miniature's recommended classifier-free guidance scale (as model cards recommend one). Its small UNet
-# over-saturates colours at diffusers' default 7.5 (red drifts to orange): `python -m accel.miniature.check`
+# over-saturates colours at diffusers' default 7.5 (red drifts to orange): `python -m accel.experiments.miniature_quality`
 # reports both. accel's CLI, benchmarks and notebooks use this value for the miniature.
 GUIDANCE = 3.0
 

@@ -184,7 +184,7 @@ class ScaleLong(Transform):
         from diffusers import UNet2DConditionModel
         from safetensors.torch import load_file
 
-        from ..api import apply
+        from . import compose
 
         folder = Path(path) / (subfolder or "")
         cfg = json.loads((folder / "config.json").read_text())
@@ -199,7 +199,7 @@ class ScaleLong(Transform):
         finally:
             dlogging.set_verbosity(level)
         transform = Transform.from_dict(cfg[CONFIG_KEY])
-        handle = apply(unet, transform)
+        handle = compose.attach(unet, None, [transform])
         if transform.kind == "ls":
             state = {}
             for f in sorted(folder.glob("*.safetensors")):

@@ -1,4 +1,4 @@
-"""The miniature's two quality figures, measured: ``python -m accel.miniature.check``.
+"""The miniature's two quality figures, measured: ``python -m accel.experiments.miniature_quality``.
 
 1. The miniature CLIP, zero-shot among the grammar's options, picks the right shape and the right colour of
    held-out dataset images (target >= 95%).
@@ -41,7 +41,7 @@ def generation(n: int = 100, seed: int = 0, guidance: float | None = None, steps
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m accel.miniature.check", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m accel.experiments.miniature_quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=500, help="held-out dataset images for the CLIP figure")
     p.add_argument("--prompts", type=int, default=100, help="generated images for the pipeline figure")

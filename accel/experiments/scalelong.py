@@ -1,4 +1,4 @@
-"""The ScaleLong training experiment on the miniature: ``python -m accel.miniature.scalelong_experiment``.
+"""The ScaleLong training experiment on the miniature: ``python -m accel.experiments.scalelong``.
 
 Trains the miniature UNet (+ its text encoder) from the same seed once per ScaleLong kind (``none``, ``cs``,
 ``ls``, ``sqrt2``), for several seeds, with equal steps and the shipped recipe otherwise
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..fileio import write_text_atomic
-from . import train
+from ..miniature import train
 
 KINDS = ("none", "cs", "ls", "sqrt2")
 SKIPS = 12
@@ -114,7 +114,7 @@ def aggregate(runs: dict) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m accel.miniature.scalelong_experiment", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m accel.experiments.scalelong", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -139,7 +139,7 @@ def main(argv=None):
         for kind in a.kinds:
             d = train_one(a.out, kind, seed, a.steps, a.batch, a.snapshot_every, a.kappa)
             runs[d.name] = {"kind": kind, "seed": seed} | summarise_run(d, prompts, a.sample_steps, a.guidance, a.window)
-    summary = {"command": "python -m accel.miniature.scalelong_experiment " + " ".join(argv),
+    summary = {"command": "python -m accel.experiments.scalelong " + " ".join(argv),
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                "aggregate": aggregate(runs), "runs": runs}
     path = write_text_atomic(a.summary or a.out / "summary.json", json.dumps(summary, indent=1, allow_nan=False))

@@ -1,0 +1,6 @@
+"""Experiments and quality measurements that are commands (``python -m accel.experiments.NAME``): they train,
+generate and evaluate, so they sit above ``accel.eval`` and the miniature world they measure.
+
+- :mod:`.miniature_quality`: the miniature's two quality figures (its CLIP zero-shot, its generations judged).
+- :mod:`.scalelong`: the ScaleLong training experiment (``make scalelong``).
+"""
