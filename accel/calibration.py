@@ -28,6 +28,32 @@ META_FILE = "accel.json"
 TENSOR_FILE = "calibration.safetensors"
 
 
+# ----------------------------------------------------------------------------------- the tensor keys
+# This module owns the names of the tensors in ``calibration.safetensors``: ``accel calibrate`` writes them through
+# these functions and the accessors below read them through the same ones.
+def cache_key(branch: int, what: str) -> str:
+    """A cache statistic of ``branch``: ``distance`` (N, N), ``mean`` / ``sq`` / ``cross`` (the DEC moments),
+    ``schedule``, ``dec_a`` / ``dec_b``."""
+    return f"cache.b{branch}.{what}"
+
+
+def quant_key(what: str, path: str) -> str:
+    """A quantization tensor of the layer at ``path``: ``scale_sym``, ``scale_asym``, ``scale_sym_mse``,
+    ``scale_asym_mse``, ``shift`` (per call and input part), ``dec_alpha`` / ``dec_beta`` (per call and channel)."""
+    return f"quant.{what}.{path}"
+
+
+def quant_layers(tensors, what: str = "shift") -> list[str]:
+    """The layer paths with a ``what`` quantization tensor, sorted."""
+    pre = f"quant.{what}."
+    return sorted(k[len(pre):] for k in tensors if k.startswith(pre))
+
+
+def inherit_key(path: str) -> str:
+    """The pairwise distance matrix of the inheritance target at ``path``."""
+    return f"inherit.{path}.distance"
+
+
 def refined_name(budget: int, forecast: str | None = None) -> str:
     """How ``accel.json`` names the schedule refined for ``budget`` full calls with this forecast."""
     return str(budget) if forecast is None else f"{forecast}.{budget}"
@@ -36,7 +62,7 @@ def refined_name(budget: int, forecast: str | None = None) -> str:
 def refined_key(branch: int, budget: int, forecast: str | None = None) -> str:
     """Where a calibration keeps the schedule refined for ``budget`` full calls (with this forecast: the
     refinement measures the final samples with the cache as it will run)."""
-    return f"cache.b{branch}.refined.{refined_name(budget, forecast)}"
+    return cache_key(branch, f"refined.{refined_name(budget, forecast)}")
 
 
 def is_calibration_folder(path: Path) -> bool:
@@ -84,15 +110,13 @@ class CacheCalibration:
     """The cache part of a calibration for one branch: distances (DP schedule) and moments (DEC)."""
 
     def __init__(self, calib: "Calibration", branch: int, budget: int | None = None):
-        key = f"cache.b{branch}"
-        if f"{key}.distance" not in calib.tensors:
+        if cache_key(branch, "distance") not in calib.tensors:
             have = sorted({k.split(".")[1] for k in calib.tensors if k.startswith("cache.")})
             raise CalibrationError(f"the calibration has no cache statistics for branch {branch} "
                                    f"(it has: {', '.join(have) or 'none'}); recalibrate with --branch {branch}")
         self.calib, self.branch = calib, branch
-        self.distance = calib.tensors[f"{key}.distance"].double()
-        self.moments = Moments(calib.tensors[f"{key}.mean"].double(), calib.tensors[f"{key}.sq"].double(),
-                               calib.tensors[f"{key}.cross"].double())
+        self.distance = calib.tensors[cache_key(branch, "distance")].double()
+        self.moments = Moments(*(calib.tensors[cache_key(branch, w)].double() for w in ("mean", "sq", "cross")))
         self.n = self.distance.shape[0]
         cache_meta = calib.meta.get("cache", {})
         if budget is not None and not 1 <= budget <= self.n:
@@ -116,7 +140,7 @@ class CacheCalibration:
         return self.dp_calls(k)
 
     def refined_budgets(self, forecast: str | None = None) -> list[int]:
-        pre = f"cache.b{self.branch}.refined." + ("" if forecast is None else f"{forecast}.")
+        pre = cache_key(self.branch, "refined.") + ("" if forecast is None else f"{forecast}.")
         return sorted(int(k[len(pre):]) for k in self.calib.tensors if k.startswith(pre) and k[len(pre):].isdigit())
 
     def _budget(self, budget: int | None) -> int:
@@ -177,16 +201,16 @@ class QuantCalibration:
                clip: str = "range") -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(scales, shifts)`` per call and input part for a layer; the calibration holds every scheme."""
         kind = ("asym" if asymmetric else "sym") + ("_mse" if clip == "mse" else "")
-        t = self.calib.tensors.get(f"quant.scale_{kind}.{path}")
+        t = self.calib.tensors.get(quant_key(f"scale_{kind}", path))
         if t is None or t.shape[1] != parts:
             raise CalibrationError(f"the calibration has no {kind} activation scales for layer {path!r}: it "
                                    "was made for another model or quantization setting; recalibrate")
-        shift = self.calib.tensors[f"quant.shift.{path}"].float() if asymmetric else None
+        shift = self.calib.tensors[quant_key("shift", path)].float() if asymmetric else None
         return t.float(), shift
 
     def dec(self, path: str):
-        a = self.calib.tensors.get(f"quant.dec_alpha.{path}")
-        return None if a is None else (a.float(), self.calib.tensors[f"quant.dec_beta.{path}"].float())
+        a = self.calib.tensors.get(quant_key("dec_alpha", path))
+        return None if a is None else (a.float(), self.calib.tensors[quant_key("dec_beta", path)].float())
 
 
 class Calibration:
@@ -203,14 +227,14 @@ class Calibration:
         """The calls at which ``Inherit(schedule="calibrated")`` runs its targets ``paths``: the DP schedule on
         the sum of the targets' distance matrices, each scaled to mean 1 (so every target counts alike)."""
         meta = self.meta.get("inherit")
-        missing = [p for p in paths if f"inherit.{p}.distance" not in self.tensors]
+        missing = [p for p in paths if inherit_key(p) not in self.tensors]
         if meta is None or missing:
             raise CalibrationError(f"the calibration has no inheritance statistics for {missing or paths}; "
                                    "recalibrate with the recipe that holds this Inherit")
         if bool(meta.get("residual")) != bool(residual):
             raise CalibrationError(f"the calibration measured the targets' {'residuals' if meta.get('residual') else 'outputs'}"
                                    f", this Inherit inherits {'residuals' if residual else 'outputs'}; recalibrate")
-        dists = [self.tensors[f"inherit.{p}.distance"].double() for p in paths]
+        dists = [self.tensors[inherit_key(p)].double() for p in paths]
         D = sum(d / d.mean().clamp_min(1e-30) for d in dists)
         N = D.shape[0]
         self.check_calls(N, n)
