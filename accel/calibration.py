@@ -119,9 +119,9 @@ class CacheCalibration:
         self.moments = Moments(*(calib.tensors[cache_key(branch, w)].double() for w in ("mean", "sq", "cross")))
         self.n = self.distance.shape[0]
         cache_meta = calib.meta.get("cache", {})
-        if budget is not None and not 1 <= budget <= self.n:
-            raise CalibrationError(f"cache budget {budget} must be in 1..{self.n}: this calibration has {self.n} UNet "
-                                   "calls per pipeline call")
+        if budget is not None:
+            schedules.check_budget(budget, self.n, "cache budget", "", CalibrationError,
+                                   f": this calibration has {self.n} UNet calls per pipeline call")
         self.budget = budget if budget is not None else cache_meta.get("budget")
         self.constrained = cache_meta.get("constrained", True)
 
@@ -147,9 +147,7 @@ class CacheCalibration:
         k = budget if budget is not None else self.budget
         if k is None:
             raise CalibrationError("no budget: give FeatureCache(budget=K) or calibrate with --budget K")
-        if not 1 <= k <= self.n:
-            raise CalibrationError(f"budget {k} must be in 1..{self.n} (UNet calls per pipeline call)")
-        return k
+        return schedules.check_budget(k, self.n, "budget", "", CalibrationError, " (UNet calls per pipeline call)")
 
     def dp_calls(self, budget: int | None = None) -> list[int]:
         """The DP schedule (CacheQuant's DPS) on the calibrated feature distances, unrefined."""
@@ -239,8 +237,7 @@ class Calibration:
         N = D.shape[0]
         self.check_calls(N, n)
         k = budget if budget is not None else meta.get("budget")
-        if k is None or not 1 <= k <= N:
-            raise CalibrationError(f"Inherit budget {k} must be in 1..{N}")
+        schedules.check_budget(k, N, "Inherit budget", "", CalibrationError)
         lo, hi = schedules.paper_bounds(N, k)
         return schedules.dp_schedule(schedules.group_cost(D=D.numpy()), k, lo, hi)[0]
 

@@ -49,6 +49,15 @@ def detach(module: torch.nn.Module, name: str, root: torch.nn.Module | None = No
     _invalidate(root)
 
 
+def detach_all(modules, name: str, root: torch.nn.Module | None = None, clock: "StepClock | None" = None) -> None:
+    """What every transform's (and calibration recorder's) undo does: the clock listener ``name`` (when a
+    ``clock`` is given) off the step clock, then the hook ``name`` off each of ``modules``."""
+    if clock is not None:
+        clock.remove_listener(name)
+    for module in modules:
+        detach(module, name, root=root)
+
+
 def _invalidate(root):
     registry = getattr(root, "_diffusers_hook", None) if root is not None else None
     if registry is not None:

@@ -31,11 +31,19 @@ def uniform(n: int, interval: int) -> list[int]:
     return list(range(0, n, interval))
 
 
+def check_budget(k, n: int, what: str = "budget of", unit: str = " full calls", error: type = ValueError,
+                 hint: str = "") -> int:
+    """The one range check of a budget: ``k`` full UNet calls out of the ``n`` calls of a pipeline call must be in
+    ``1..n``. ``error`` / ``what`` / ``hint`` say it in the caller's terms (a calibration's error type, a CLI flag)."""
+    if k is None or not 1 <= k <= n:
+        raise error(f"{what} {k}{unit} must be in 1..{n}{hint}")
+    return k
+
+
 def even(n: int, k: int) -> list[int]:
     """``k`` full calls spread evenly over ``n``: DeepCache's uniform schedule when an interval gives exactly
     ``k`` calls (``uniform(n, ceil(n / k))``), else the rounded evenly spaced positions."""
-    if not 1 <= k <= n:
-        raise ValueError(f"budget of {k} full calls must be in 1..{n}")
+    check_budget(k, n)
     s = uniform(n, math.ceil(n / k))
     if len(s) == k:
         return s
@@ -96,8 +104,7 @@ def dp_schedule(C: np.ndarray, k: int, min_len: int = 1, max_len: int | None = N
     """
     N = C.shape[0] - 1
     max_len = max_len or N
-    if not 1 <= k <= N:
-        raise ValueError(f"budget of {k} full calls must be in 1..{N}")
+    check_budget(k, N)
     if k * min_len > N or k * max_len < N:
         raise ValueError(f"{k} groups of length {min_len}..{max_len} cannot cover {N} calls")
     L = np.full((k + 1, N + 1), np.inf)

@@ -57,7 +57,8 @@ def check_recipe(recipe):
 def refines_cache(recipe, refine: bool = True) -> bool:
     """Whether calibrating ``recipe`` fits a cache's schedule (unless ``refine`` is off) or its adaptive threshold on
     the refinement prompts, the ones ``refine_prompts`` counts."""
-    caches = [t for t in check_recipe(recipe).transforms if isinstance(t, FeatureCache)]
+    r = recipe if hasattr(recipe, "transforms") else load_recipe(recipe)  # checked by the caller (check_recipe)
+    caches = [t for t in r.transforms if isinstance(t, FeatureCache)]
     return bool(caches) and (refine or caches[0].schedule == "adaptive")
 
 
@@ -163,8 +164,8 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
         modules[f"inherit.{path}"] = (m, inherits[0].residual, INHERIT_ELEMENTS, _dist_stats)
     totals, n = collect_features(pipe, modules, prompts, steps, seed, guidance, batch_size, progress)
     meta["scheduler"] = {"class": type(pipe.scheduler).__name__, "steps": steps, "unet_calls": n}
-    if not all(1 <= b <= n for b in budgets):
-        raise ValueError(f"--budget must be in 1..{n} (UNet calls per pipeline call), got {budgets}")
+    for b in budgets:  # n is now measured (UNet calls per pipeline call), not predicted from the scheduler
+        schedules.check_budget(b, n, "--budget", "", hint=" (UNet calls per pipeline call)")
     if inherits:
         for path in targets:
             tensors[inherit_key(path)] = totals[f"inherit.{path}"]["dist"]

@@ -109,8 +109,7 @@ def collect_features(pipe, modules: dict, prompts: list[str], steps: int, seed: 
             for sink in sinks.values():
                 sink.clear()
     finally:
-        for m, *_ in modules.values():
-            hooks.detach(m, REC_HOOK, root=unet)
+        hooks.detach_all([m for m, *_ in modules.values()], REC_HOOK, unet)
     if state.num_processes > 1:
         partials = dict(gather([(bi, p) for bi, p in partials.items()]))
         n_calls = next(n for n in gather([n_calls]) if n is not None)
@@ -202,8 +201,7 @@ def collect_scales(pipe, quant, prompts, steps, n_calls, seed=0, guidance=7.5, b
                               "calibrate scales", progress):
             pass
     finally:
-        for path, m in layers:
-            hooks.detach(m, REC_HOOK, root=unet)
+        hooks.detach_all([m for _, m in layers], REC_HOOK, unet)
         hooks.release_clock(unet)
     tensors = {}
     for path, rec in tqdm(recs.items(), desc="activation scales", disable=not progress):
@@ -224,7 +222,7 @@ def collect_scales(pipe, quant, prompts, steps, n_calls, seed=0, guidance=7.5, b
 
 def _static(quant):
     """The recipe's quantizer in static mode without quantization DEC: what schedules are fit and DEC is measured with."""
-    return type(quant)(**{**quant.to_dict_fields(), "correction": None, "mode": "static"})
+    return quant.replace(correction=None, mode="static")
 
 
 def collect_quant_dec(pipe, quant, cache, calib: Calibration, prompts, steps, n_calls, seed=0, guidance=7.5,
@@ -252,8 +250,7 @@ def collect_quant_dec(pipe, quant, cache, calib: Calibration, prompts, steps, n_
                               "calibrate quant DEC", progress):
             pass
     finally:
-        for path in decs:
-            hooks.detach(q._modules[path], REC_HOOK, root=unet)
+        hooks.detach_all([q._modules[path] for path in decs], REC_HOOK, unet)
         handle.remove()
     for path, rec in decs.items():
         alpha, beta = rec.coefficients()

@@ -33,8 +33,7 @@ def calibrate_threshold(pipe, cache: FeatureCache, calib: Calibration, budgets: 
 
     def mean_full(tau: float) -> float:
         if tau not in spent:
-            fc = FeatureCache(schedule="adaptive", threshold=tau, branch=cache.branch, forecast=cache.forecast,
-                              trust=cache.trust, max_cached=cache.max_cached, correction=cache.correction)
+            fc = cache.replace(schedule="adaptive", threshold=tau, budget=None, interval=None)
             handle = apply(pipe, fc if quant is None else [quant, fc], calibration=calib)
             try:
                 for _ in _run_batches(pipe, prompts, steps, seed, guidance, batches, range(len(batches)), "", False):
@@ -106,8 +105,7 @@ def refine_schedule(pipe, cache: FeatureCache, calib: Calibration, start: list[i
     def error_db(full):
         key = tuple(full)
         if key not in measured:
-            fc = FeatureCache(schedule=list(full), branch=cache.branch, correction=cache.correction,
-                              forecast=cache.forecast, trust=cache.trust)
+            fc = cache.replace(schedule=list(full), interval=None, budget=None, threshold=None, max_cached=None)
             handle = apply(pipe, fc if quant is None else [quant, fc], calibration=calib)
             try:
                 d = latents() - base

@@ -55,6 +55,15 @@ class Transform(abc.ABC):
         """Why :meth:`detach` cannot restore the original model (``None``: it can)."""
         return None
 
+    def config(self) -> dict:
+        """The constructor arguments (every init field, ``None`` and callables included): ``type(t)(**t.config())``
+        is a fresh, unattached copy. Run-time state is never an init field."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def replace(self, **changes) -> "Transform":
+        """A fresh, unattached copy with ``changes`` (``dataclasses.replace``: validated again, no run-time state)."""
+        return dataclasses.replace(self, **changes)
+
     def to_dict(self) -> dict:
         d = {"type": type(self).__name__}
         for f in dataclasses.fields(self):

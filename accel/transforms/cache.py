@@ -19,7 +19,7 @@ from diffusers.hooks import ModelHook
 
 from .. import schedules
 from ..errors import CalibrationError
-from ..hooks import attach, detach
+from ..hooks import attach, detach_all
 from ..unet import cached_units, feature_of, num_branches, with_feature
 from . import adaptive
 from . import forecast as forecasting
@@ -329,9 +329,7 @@ class FeatureCache(Transform):
             self._skill = self._skill.clone()
 
     def detach(self, ctx: Context) -> None:
-        ctx.clock.remove_listener(self.hook_name)
-        for module, _ in self._hooks.values():
-            detach(module, self.hook_name, root=ctx.unet)
+        detach_all([module for module, _ in self._hooks.values()], self.hook_name, ctx.unet, ctx.clock)
         self._hooks = {}
         self._idx, self._features, self._probes, self._clock, self._pipe = [], [], [], None, None
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.hooks import ModelHook
 
-from ..hooks import attach, detach
+from ..hooks import attach, detach_all
 from ..unet import feature_of
 from .base import Context, Transform, register
 
@@ -192,7 +192,5 @@ class Inherit(Transform):
         ctx.clock.add_listener(self.hook_name, self._on_tick)
 
     def detach(self, ctx: Context) -> None:
-        ctx.clock.remove_listener(self.hook_name)
-        for m in self._hooks.values():
-            detach(m, self.hook_name, root=ctx.unet)
+        detach_all(self._hooks.values(), self.hook_name, ctx.unet, ctx.clock)
         self._hooks = {}

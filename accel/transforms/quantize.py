@@ -164,11 +164,8 @@ class Quantize(Transform):
         return d
 
     def to_dict_fields(self) -> dict:
-        """Constructor arguments (incl. ``filter_fn``) to build a copy."""
-        return {k: getattr(self, k) for k in ("weights", "activations", "dtype", "weight_scheme", "act_scheme",
-                                               "act_clip", "mode", "backend",
-                                               "exclude", "split_shortcut", "clip_search", "correction", "filter_fn",
-                                               "keep_float", "select")}
+        """Constructor arguments (incl. ``filter_fn``) to build a copy (:meth:`Transform.config`)."""
+        return self.config()
 
     @property
     def weights_symmetric(self) -> bool:

@@ -30,7 +30,7 @@ import torch
 from diffusers.hooks import ModelHook
 from torch import nn
 
-from ..hooks import attach, detach
+from ..hooks import attach, detach_all
 from .base import Context, Transform, register
 
 KINDS = ("cs", "ls", "sqrt2", "none")
@@ -167,8 +167,8 @@ class ScaleLong(Transform):
         unet.register_to_config(**{CONFIG_KEY: self.to_dict()})
 
     def detach(self, ctx: Context) -> None:
+        detach_all(self._blocks, self.hook_name, ctx.unet)
         for block in self._blocks:
-            detach(block, self.hook_name, root=ctx.unet)
             if MODULE_NAME in block._modules:
                 del block._modules[MODULE_NAME]
         self._blocks = []
