@@ -56,13 +56,13 @@ def no_work(monkeypatch):
     """Fail the test if a command gets as far as loading the model, generating, calibrating or benchmarking."""
     import accel.bench
     import accel.calibrate
-    import accel.cli
+    import accel.cli.common
     from accel.eval import runner
 
     def work(*a, **k):
         raise AssertionError("the work started before the bad input was refused")
 
-    monkeypatch.setattr(accel.cli, "load_model", work)
+    monkeypatch.setattr(accel.cli.common, "load_model", work)  # where the subcommands look it up
     monkeypatch.setattr(runner, "generate", work)
     monkeypatch.setattr(accel.calibrate, "collect_features", work)
     monkeypatch.setattr(accel.bench, "run", work)
