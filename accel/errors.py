@@ -5,6 +5,11 @@ class AccelError(ValueError):
     """Base class of accel's input errors."""
 
 
+class InputError(AccelError):
+    """An argument that cannot work (out of range, the wrong kind, a combination that does not go together), found
+    before any work; the CLI prints it as one line (a bare ``ValueError`` from our code would be a bug there)."""
+
+
 class UnsupportedModelError(AccelError, TypeError):
     """The pipeline or model is not one accel can transform."""
 

@@ -15,23 +15,25 @@ import math
 
 import numpy as np
 
+from .errors import InputError
+
 
 def validate(schedule, n: int | None) -> list[int]:
     s = sorted({int(i) for i in schedule})
     if not s or s[0] != 0:
-        raise ValueError(f"a cache schedule must include call 0 (the first call has nothing cached): {s}")
+        raise InputError(f"a cache schedule must include call 0 (the first call has nothing cached): {s}")
     if s[0] < 0 or (n is not None and s[-1] >= n):
-        raise ValueError(f"cache schedule {s} refers to call {s[-1]} but this pipeline call makes {n} UNet calls")
+        raise InputError(f"cache schedule {s} refers to call {s[-1]} but this pipeline call makes {n} UNet calls")
     return s
 
 
 def uniform(n: int, interval: int) -> list[int]:
     if interval < 1:
-        raise ValueError("interval must be >= 1")
+        raise InputError("interval must be >= 1")
     return list(range(0, n, interval))
 
 
-def check_budget(k, n: int, what: str = "budget of", unit: str = " full calls", error: type = ValueError,
+def check_budget(k, n: int, what: str = "budget of", unit: str = " full calls", error: type = InputError,
                  hint: str = "") -> int:
     """The one range check of a budget: ``k`` full UNet calls out of the ``n`` calls of a pipeline call must be in
     ``1..n``. ``error`` / ``what`` / ``hint`` say it in the caller's terms (a calibration's error type, a CLI flag)."""
@@ -56,7 +58,7 @@ def extend(schedule, k: int, n: int) -> list[int]:
     counts too). A schedule for a larger budget that keeps every full call of a smaller one."""
     s = validate(schedule, n)
     if not len(s) <= k <= n:
-        raise ValueError(f"cannot extend {len(s)} full calls to {k} of {n}")
+        raise InputError(f"cannot extend {len(s)} full calls to {k} of {n}")
     while len(s) < k:
         ends = s[1:] + [n]
         i = max(range(len(s)), key=lambda j: (ends[j] - s[j], j))
@@ -79,7 +81,7 @@ def quadratic(n: int, interval: int, center: int = 15, power: float = 1.4) -> li
         if len(idx) == k:
             return validate(idx, n)
         power -= 0.02
-    raise ValueError(f"no quadratic schedule with {k} full calls out of {n}: use an interval schedule")
+    raise InputError(f"no quadratic schedule with {k} full calls out of {n}: use an interval schedule")
 
 
 def group_cost(F: np.ndarray | None = None, D: np.ndarray | None = None):
@@ -106,7 +108,7 @@ def dp_schedule(C: np.ndarray, k: int, min_len: int = 1, max_len: int | None = N
     max_len = max_len or N
     check_budget(k, N)
     if k * min_len > N or k * max_len < N:
-        raise ValueError(f"{k} groups of length {min_len}..{max_len} cannot cover {N} calls")
+        raise InputError(f"{k} groups of length {min_len}..{max_len} cannot cover {N} calls")
     L = np.full((k + 1, N + 1), np.inf)
     arg = np.zeros((k + 1, N + 1), dtype=np.int64)
     L[0, 0] = 0.0
@@ -119,7 +121,7 @@ def dp_schedule(C: np.ndarray, k: int, min_len: int = 1, max_len: int | None = N
             i = int(np.argmin(cand))
             L[g, n], arg[g, n] = cand[i], lo + i
     if not np.isfinite(L[k, N]):
-        raise ValueError("no feasible schedule")
+        raise InputError("no feasible schedule")
     starts, n = [], N
     for g in range(k, 0, -1):
         j = int(arg[g, n])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UnsupportedModelError
+from .errors import InputError, UnsupportedModelError
 
 SUPPORTED = ("StableDiffusion (1.x/2.x) and StableDiffusionXL pipelines: text2img, img2img, inpaint, ControlNet "
              "(any diffusers pipeline whose `unet` is a UNet2DConditionModel), or a bare UNet2DConditionModel")
@@ -61,7 +61,7 @@ class Unit:
 def branch_location(unet, branch: int) -> tuple[int, int]:
     n = num_branches(unet)
     if not 0 <= branch < n:
-        raise ValueError(f"cache branch {branch} out of range: this UNet has branches 0..{n - 1} "
+        raise InputError(f"cache branch {branch} out of range: this UNet has branches 0..{n - 1} "
                          f"({len(unet.down_blocks)} blocks x {layers_per_block(unet) + 1} places)")
     per = layers_per_block(unet) + 1
     return branch // per, branch % per

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from accel.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ def resolve_clip(spec: str = "miniature") -> ClipSpec:
     if ":" in spec:
         model, tag = spec.split(":", 1)
         return ClipSpec(model, tag, spec)
-    raise ValueError(f"CLIP model {spec!r}: use 'miniature', 'MODEL:PRETRAINED' (e.g. ViT-g-14:laion2b_s34b_b88k), "
+    raise InputError(f"CLIP model {spec!r}: use 'miniature', 'MODEL:PRETRAINED' (e.g. ViT-g-14:laion2b_s34b_b88k), "
                      "'local-dir:/path' or 'hf-hub:org/repo'")
 
 
@@ -71,7 +72,7 @@ class CLIPScorer:
     def score(self, images, prompts: list[str]) -> torch.Tensor:
         """Per-image CLIP score ``max(100 * cos, 0)`` of image i against prompt i: ``(N,)`` float tensor."""
         if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+            raise InputError(f"{len(images)} images but {len(prompts)} prompts")
         cos = (self.embed_images(images) * self.embed_texts(prompts)).sum(-1)
         return (100 * cos).clamp(min=0).cpu()
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from accel.errors import InputError
+
 
 @dataclass
 class GenerationSettings:
@@ -34,7 +36,7 @@ def load_prompts(path: str | os.PathLike | None, num_images: int | None, seed: i
     """Prompts from a text file (one per line, blanks and ``#`` comments skipped), or the miniature
     grammar's held-out captions when ``path`` is None; cycled/truncated to ``num_images``."""
     if num_images is not None and num_images < 1:
-        raise ValueError("--num-images must be >= 1")
+        raise InputError("--num-images must be >= 1")
     if path is None:
         from accel import miniature
 
@@ -44,7 +46,7 @@ def load_prompts(path: str | os.PathLike | None, num_images: int | None, seed: i
         raise FileNotFoundError(f"prompt file not found: {p}")
     prompts = [l.strip() for l in p.read_text().splitlines() if l.strip() and not l.lstrip().startswith("#")]
     if not prompts:
-        raise ValueError(f"no prompts in {p}")
+        raise InputError(f"no prompts in {p}")
     if num_images is None:
         return prompts
     return [prompts[i % len(prompts)] for i in range(num_images)]

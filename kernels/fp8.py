@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from . import reference
 
 DTYPE = torch.float8_e4m3fn
@@ -63,7 +64,7 @@ def check_device(device: torch.device | str) -> None:
         return
     cap = torch.cuda.get_device_capability(device)
     if tuple(cap) < MIN_CAPABILITY:
-        raise ValueError(f"Quantize(dtype='fp8') needs float8 tensor cores (compute capability 8.9+: Ada, Hopper, "
+        raise InputError(f"Quantize(dtype='fp8') needs float8 tensor cores (compute capability 8.9+: Ada, Hopper, "
                          f"Blackwell); {torch.cuda.get_device_name(device)} is sm_{cap[0]}{cap[1]}: use "
                          "Quantize(dtype='int8') (the default)")
 

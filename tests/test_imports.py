@@ -217,3 +217,35 @@ def test_no_dynamic_imports_of_accel_modules():
             if needle in text:
                 offenders.append(f"{path.relative_to(ROOT)}: {needle}")
     assert not offenders, offenders
+
+
+# The layers, bottom to top (README "Architecture"): a module imports only from its own layer or below.
+LAYERS = [
+    {"accel.errors", "accel.fileio", "accel.hooks", "accel.timing", "accel.schedules", "accel.unet", "accel.dist",
+     "accel.adapters", "accel.kernels", "accel.recipes"},
+    {"accel.transforms", "accel.recipe"},
+    {"accel.calibration"},
+    {"accel.api"},
+    {"accel.miniature"},
+    {"accel.calibrate", "accel.eval"},
+    {"accel.cli", "accel.bench", "accel.experiments", "accel.__main__"},
+]
+
+
+def _layer(name: str) -> int | None:
+    node = folder(name)
+    for i, layer in enumerate(LAYERS):
+        if node in layer or any(node.startswith(m + "_") for m in layer):  # accel.bench_gpu: a bench module
+            return i
+    return None
+
+
+def test_imports_point_down_the_layers():
+    """No module imports from a layer above its own (a transform never imports the API, the calibration or the
+    benches; the miniature world never imports eval); and every module is in a layer."""
+    g = graph()
+    unplaced = sorted(n for n in g if n != "accel" and _layer(n) is None)
+    assert not unplaced, f"modules in no layer (add them to LAYERS and the README's Architecture): {unplaced}"
+    upward = [f"{a} -> {b}" for a, ts in sorted(g.items()) if a != "accel" for b in sorted(ts)
+              if _layer(b) is not None and _layer(b) > _layer(a)]
+    assert not upward, "imports that point up a layer:\n" + "\n".join(upward)

@@ -17,6 +17,7 @@ import time
 import torch
 
 from .. import __version__, adapters, schedules
+from ..errors import InputError
 from ..calibration import Calibration, cache_key, inherit_key, quant_layers, refined_key, refined_name
 from ..recipe import load as load_recipe
 from ..transforms.cache import FeatureCache
@@ -49,7 +50,7 @@ def check_recipe(recipe):
     r = load_recipe(recipe) if not hasattr(recipe, "transforms") else recipe
     if not any(uses_calibration(t) for t in r.transforms):
         users = [n for n in available() if any(uses_calibration(t) for t in load_recipe(n).transforms)]
-        raise ValueError(f"recipe {r.name!r} uses no calibration (none of its transforms reads one): nothing to "
+        raise InputError(f"recipe {r.name!r} uses no calibration (none of its transforms reads one): nothing to "
                          f"calibrate; recipes that use one: {', '.join(users)}")
     return r
 
@@ -65,7 +66,7 @@ def refines_cache(recipe, refine: bool = True) -> bool:
 def check_refine_prompts(refine_prompts: int | None, n_prompts: int) -> None:
     """More refinement prompts than calibration prompts would silently fit on fewer than asked for."""
     if refine_prompts is not None and refine_prompts > n_prompts:
-        raise ValueError(f"--refine-prompts {refine_prompts} is more than the {n_prompts} calibration prompts: give "
+        raise InputError(f"--refine-prompts {refine_prompts} is more than the {n_prompts} calibration prompts: give "
                          f"at least {refine_prompts} prompts (--num-prompts) or --refine-prompts {n_prompts}")
 
 
@@ -80,14 +81,14 @@ def _check_inputs(pipe, prompts, steps, budget, guidance, batch_size, refine_pro
     from ..errors import AccelWarning
 
     if not prompts:
-        raise ValueError("no calibration prompts")
+        raise InputError("no calibration prompts")
     if steps < 2:
-        raise ValueError("--steps must be >= 2")
+        raise InputError("--steps must be >= 2")
     for name, v in (("--batch-size", batch_size), ("--refine-prompts", refine_prompts), ("--refine-evals", refine_evals)):
         if v < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
+            raise InputError(f"{name} must be >= 1, got {v}")
     if not math.isfinite(guidance):
-        raise ValueError(f"--guidance must be a finite number, got {guidance}")
+        raise InputError(f"--guidance must be a finite number, got {guidance}")
     if refines:
         check_refine_prompts(refine_prompts, len(prompts))
     elif refine_prompts_given:
@@ -97,7 +98,7 @@ def _check_inputs(pipe, prompts, steps, budget, guidance, batch_size, refine_pro
     given = budget is not None
     budgets = [int(b) for b in (budget if isinstance(budget, (list, tuple)) else [budget if given else DEFAULT_BUDGET])]
     if not budgets or min(budgets) < 1:
-        raise ValueError("--budget must be >= 1")
+        raise InputError("--budget must be >= 1")
     if not uses_budget:  # W8A8 alone: the budget only sets the default of the stored cache statistics
         if given:
             warnings.warn("--budget is ignored: the recipe has no FeatureCache and no Inherit(schedule='calibrated')",
@@ -105,7 +106,7 @@ def _check_inputs(pipe, prompts, steps, budget, guidance, batch_size, refine_pro
         return [min(DEFAULT_BUDGET, n)]
     if max(budgets) > n:
         what = f"--budget {' '.join(map(str, budgets))}" if given else f"the default --budget {DEFAULT_BUDGET}"
-        raise ValueError(f"{what}: full calls must be in 1..{n}, the UNet calls of one pipeline call at {steps} steps "
+        raise InputError(f"{what}: full calls must be in 1..{n}, the UNet calls of one pipeline call at {steps} steps "
                          f"({type(pipe.scheduler).__name__}); give --budget K with K <= {n}")
     return budgets
 
@@ -138,7 +139,7 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
     prompts = prompts if prompts is not None else miniature.prompts(DEFAULT_PROMPTS, seed=seed, split="train")
     unet, pipe = resolve(pipe)
     if pipe is None:
-        raise ValueError("calibration needs the pipeline (it runs it), not a bare UNet")
+        raise InputError("calibration needs the pipeline (it runs it), not a bare UNet")
     given = refine_prompts is not None
     if refine_prompts is None:
         refine_prompts = min(REFINE_PROMPTS, len(prompts))

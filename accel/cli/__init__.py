@@ -32,7 +32,7 @@ __all__ = ["main", "build_parser", "UsageError", "BENCH_SECTIONS", "BENCH_DEFAUL
 # The errors that mean bad input, not a bug, and end as one line with exit code 2: accel's own types, and the
 # OS errors a path the user gave causes. FloatingPointError is what accel raises (with a message) when the
 # pipeline produced NaN/inf: the model at these settings, not the code. Any other exception is a bug and shows its
-# traceback; a bare ValueError only when one of common.UNTYPED_CHECKS raised it (bad input, not yet typed).
+# traceback, a bare ValueError included (accel's input checks raise accel.errors.InputError, a ValueError).
 USER_ERRORS = (UsageError, AccelError, FloatingPointError, FileNotFoundError, PermissionError, IsADirectoryError,
                NotADirectoryError)
 
@@ -89,10 +89,6 @@ def main(argv=None) -> int:
             common._threads(getattr(args, "threads", 1))
             args.func(args)
     except USER_ERRORS as e:
-        return _one_line(args.command, e)
-    except ValueError as e:
-        if not common.raised_by_untyped_check(e):
-            raise
         return _one_line(args.command, e)
     except KeyboardInterrupt:
         print("accel: interrupted", file=sys.stderr)

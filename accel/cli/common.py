@@ -42,37 +42,6 @@ def _finite_float(text: str) -> float:
     return v
 
 
-# ----------------------------------------------------------------------------------- bad input checked below the CLI
-# Functions outside the CLI that check user input but raise a bare ValueError (issue #26: each should raise an
-# accel.errors type, and then leave this table). main() gives a ValueError raised *in* one of them (the innermost
-# frame of its traceback) the one-line exit; every other bare ValueError is a bug and keeps its traceback.
-# Keyed by module and qualified name, so a function that moves must be moved here too (the CLI tests of bad
-# budgets, --refine-prompts, a recipe without calibration, --clip and an empty prompt file fail otherwise).
-UNTYPED_CHECKS = {
-    "accel.calibrate": {"check_recipe", "check_refine_prompts", "_check_inputs", "calibrate"},
-    "accel.eval.runner": {"load_prompts"},
-    "accel.eval.clip_score": {"resolve_clip"},
-    "accel.schedules": {"validate", "uniform", "even", "extend", "quadratic", "dp_schedule"},
-    "accel.unet": {"branch_location"},
-    "accel.transforms.cache": {"FeatureCache.attach"},
-    "accel.transforms.inherit": {"Inherit.matched", "Inherit.attach"},
-    "accel.transforms.scalelong": {"skip_layout"},
-    "accel.transforms.quantize": {"QConv2d.__init__"},
-    "accel.kernels.fp8": {"check_device"},
-}
-
-
-def raised_by_untyped_check(e: BaseException) -> bool:
-    """Whether ``e`` was raised by one of :data:`UNTYPED_CHECKS` (its own ``raise``, not something it called)."""
-    tb = e.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    frame = tb.tb_frame
-    return frame.f_code.co_qualname in UNTYPED_CHECKS.get(frame.f_globals.get("__name__"), ())
-
-
 # ----------------------------------------------------------------------------------- checks before the work
 def _threads(n: int | None):
     import torch

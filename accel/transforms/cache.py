@@ -18,7 +18,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from .. import schedules
-from ..errors import CalibrationError
+from ..errors import CalibrationError, InputError
 from ..hooks import attach, detach_all
 from ..unet import cached_units, feature_of, num_branches, with_feature
 from . import adaptive
@@ -108,43 +108,43 @@ class FeatureCache(Transform):
 
     def __post_init__(self):
         if self.interval is None and self.schedule is None:
-            raise ValueError("FeatureCache needs interval=N or schedule=[...] / 'quadratic' / 'calibrated' / 'adaptive'")
+            raise InputError("FeatureCache needs interval=N or schedule=[...] / 'quadratic' / 'calibrated' / 'adaptive'")
         if self.interval is not None and (not isinstance(self.interval, int) or self.interval < 1):
-            raise ValueError(f"interval must be a positive integer, got {self.interval!r}")
+            raise InputError(f"interval must be a positive integer, got {self.interval!r}")
         if isinstance(self.schedule, str) and self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule {self.schedule!r}: use a list of full-call indices, "
+            raise InputError(f"schedule {self.schedule!r}: use a list of full-call indices, "
                              + ", ".join(repr(s) for s in SCHEDULES))
         if self.schedule in ("uniform", "quadratic") and self.interval is None:
-            raise ValueError(f"schedule={self.schedule!r} needs interval=N")
+            raise InputError(f"schedule={self.schedule!r} needs interval=N")
         if isinstance(self.schedule, (list, tuple)):
             self.schedule = schedules.validate(self.schedule, None)
         if self.budget is not None and (self.schedule not in ("calibrated", "dp", "adaptive") or self.budget < 1):
-            raise ValueError("budget=K (K >= 1) goes with schedule='calibrated', 'dp' or 'adaptive'")
+            raise InputError("budget=K (K >= 1) goes with schedule='calibrated', 'dp' or 'adaptive'")
         if self.correction not in (None, "dec", "dec-mean"):
-            raise ValueError(f"correction {self.correction!r}: use None, 'dec' or 'dec-mean'")
+            raise InputError(f"correction {self.correction!r}: use None, 'dec' or 'dec-mean'")
         self._order = forecasting.order_of(self.forecast)
         self._cfg = forecasting.on_cfg_mean(self.forecast)
         if self._cfg and self.correction is not None:
-            raise ValueError(f"forecast={self.forecast!r} mixes the guidance halves, which the calibrated correction "
+            raise InputError(f"forecast={self.forecast!r} mixes the guidance halves, which the calibrated correction "
                              "cannot model: use forecast='taylor1' with a correction, or no correction")
         if self.trust not in (None, "skill"):
-            raise ValueError(f"trust {self.trust!r}: use None or 'skill'")
+            raise InputError(f"trust {self.trust!r}: use None or 'skill'")
         if self.trust is not None and self._order == 0:
-            raise ValueError("trust='skill' weighs a forecast: give forecast='taylor1', 'taylor2' (or a '-cfg' one)")
+            raise InputError("trust='skill' weighs a forecast: give forecast='taylor1', 'taylor2' (or a '-cfg' one)")
         if self.trust is not None and self.correction is not None:
-            raise ValueError("trust='skill' damps each sample's forecast at run time, which the calibrated correction "
+            raise InputError("trust='skill' damps each sample's forecast at run time, which the calibrated correction "
                              "cannot model: use one of trust and correction")
         self._depth = self._order + 1 + (self.trust is not None)  # full calls kept (skill needs one more)
         self._skill = None
         if self.schedule == "adaptive":
             if self.threshold is not None and self.budget is not None:
-                raise ValueError("schedule='adaptive' takes budget=K (a calibrated threshold) or threshold=x, not both")
+                raise InputError("schedule='adaptive' takes budget=K (a calibrated threshold) or threshold=x, not both")
             if self.threshold is not None and not self.threshold > 0:
-                raise ValueError(f"threshold must be > 0, got {self.threshold!r}")
+                raise InputError(f"threshold must be > 0, got {self.threshold!r}")
         elif self.threshold is not None or self.max_cached is not None:
-            raise ValueError("threshold and max_cached go with schedule='adaptive'")
+            raise InputError("threshold and max_cached go with schedule='adaptive'")
         if self.max_cached is not None and (not isinstance(self.max_cached, int) or self.max_cached < 1):
-            raise ValueError(f"max_cached must be a positive integer, got {self.max_cached!r}")
+            raise InputError(f"max_cached must be a positive integer, got {self.max_cached!r}")
         self._full, self._plan, self._correction, self._calib, self._dec = True, None, None, None, None
         self._shape, self._open, self._run = None, False, 0
         self._idx: list[int] = []        # the full calls the forecast uses, newest first
@@ -173,7 +173,7 @@ class FeatureCache(Transform):
             return None
         if n is None:
             if self.schedule == "quadratic":
-                raise ValueError("schedule='quadratic' needs the number of UNet calls: apply to the pipeline")
+                raise InputError("schedule='quadratic' needs the number of UNet calls: apply to the pipeline")
             return None
         if self.schedule == "quadratic":
             return schedules.quadratic(n, self.interval)
@@ -195,7 +195,7 @@ class FeatureCache(Transform):
                     key = tuple(full) if full is not None else None
                     if key not in self._dec_cache:
                         if key is None:
-                            raise ValueError(f"correction={self.correction!r} needs the number of UNet calls: apply to the pipeline")
+                            raise InputError(f"correction={self.correction!r} needs the number of UNet calls: apply to the pipeline")
                         self._dec_cache[key] = self._calib.dec(full, gain=self.correction == "dec", order=self._order)
                     self._dec = self._dec_cache[key]
         self._open = False
@@ -281,7 +281,7 @@ class FeatureCache(Transform):
     def attach(self, ctx: Context) -> None:
         n = num_branches(ctx.unet)
         if not 0 <= self.branch < n:
-            raise ValueError(f"branch {self.branch} out of range 0..{n - 1} for this UNet")
+            raise InputError(f"branch {self.branch} out of range 0..{n - 1} for this UNet")
         self._dec, self._dec_cache = None, {}
         needs_calib = self.schedule in ("calibrated", "dp") or self.correction is not None or \
             (self.schedule == "adaptive" and self.threshold is None)

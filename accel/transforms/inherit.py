@@ -29,6 +29,7 @@ from diffusers.hooks import ModelHook
 from ..hooks import attach, detach_all
 from ..unet import feature_of
 from .base import Context, Transform, register
+from ..errors import CalibrationError, InputError
 
 GRANULARITIES = {
     "block": re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)$"),
@@ -69,7 +70,7 @@ class _InheritHook(ModelHook):
         if self.owner._inherit and self.kept is not None:
             if self.owner.residual:
                 if feature_of(self.template).shape != x.shape:
-                    raise ValueError(f"Inherit(residual=True): {self.path} changes the feature's shape; "
+                    raise InputError(f"Inherit(residual=True): {self.path} changes the feature's shape; "
                                      "inherit its output instead (residual=False)")
                 # every output tensor of the input's shape (a down block's skip features too) gets x + residual
                 return _map(self.template, lambda t, r: t if r is None else x + r, self.kept)
@@ -117,24 +118,24 @@ class Inherit(Transform):
         if isinstance(self.targets, str):
             self.targets = [self.targets]
         if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity {self.granularity!r}: use one of {', '.join(GRANULARITIES)}")
+            raise InputError(f"granularity {self.granularity!r}: use one of {', '.join(GRANULARITIES)}")
         if self.residual and self.granularity == "unit":
-            raise ValueError("residual=True needs granularity 'block' or 'layer': a unit's output already is a "
+            raise InputError("residual=True needs granularity 'block' or 'layer': a unit's output already is a "
                              "residual branch (the transformer block adds it to its input), inherit it as it is")
         modes = [m for m in ("every", "window", "steps", "schedule") if getattr(self, m) is not None]
         if len(modes) != 1:
-            raise ValueError("Inherit needs exactly one sampling mode: every=k, window=(start, end), steps=[...] "
+            raise InputError("Inherit needs exactly one sampling mode: every=k, window=(start, end), steps=[...] "
                              "or schedule='calibrated'")
         if self.schedule is not None and self.schedule != "calibrated":
-            raise ValueError(f"schedule {self.schedule!r}: the only named schedule is 'calibrated'")
+            raise InputError(f"schedule {self.schedule!r}: the only named schedule is 'calibrated'")
         if self.budget is not None and (self.schedule != "calibrated" or int(self.budget) < 1):
-            raise ValueError("budget=K (K >= 1) goes with schedule='calibrated'")
+            raise InputError("budget=K (K >= 1) goes with schedule='calibrated'")
         if self.every is not None and (not isinstance(self.every, int) or self.every < 2):
-            raise ValueError("every must be an integer >= 2")
+            raise InputError("every must be an integer >= 2")
         if self.window is not None:
             self.window = list(self.window)
             if len(self.window) != 2 or not 0 <= self.window[0] < self.window[1]:
-                raise ValueError("window must be (start, end) with 0 <= start < end")
+                raise InputError("window must be (start, end) with 0 <= start < end")
         if self.steps is not None:
             self.steps = sorted({int(s) for s in self.steps})
         self._inherit, self._shape, self._calib, self._runs, self._schedules = False, None, None, None, {}
@@ -172,14 +173,14 @@ class Inherit(Transform):
         hit = {p: m for p, m in cands.items() if any(fnmatch.fnmatch(p, t) for t in self.targets)}
         if not hit:
             examples = ", ".join(list(cands)[:4])
-            raise ValueError(f"Inherit targets {self.targets} match no {self.granularity}-level module of this UNet "
+            raise InputError(f"Inherit targets {self.targets} match no {self.granularity}-level module of this UNet "
                              f"(e.g. {examples})")
         return hit
 
     def attach(self, ctx: Context) -> None:
         if self.schedule == "calibrated":
             if ctx.calibration is None:
-                raise ValueError("Inherit(schedule='calibrated') needs a calibration: run `accel calibrate` with "
+                raise CalibrationError("Inherit(schedule='calibrated') needs a calibration: run `accel calibrate` with "
                                  "this recipe and pass calibration=DIR")
             self._calib = ctx.calibration
         self._hooks = {}

@@ -12,6 +12,7 @@ import torch.nn as nn
 from .. import kernels
 from ..kernels import fp8
 from .quantizers import quantize_weight
+from ..errors import InputError
 
 # ----------------------------------------------------------------------------------- quantized modules
 class _QBase(nn.Module):
@@ -214,7 +215,7 @@ class QConv2d(_QBase):
     def __init__(self, owner, path, m: nn.Conv2d, split: int | None):
         if m.groups != 1 or m.dilation != (1, 1) or m.stride[0] != m.stride[1] or m.padding[0] != m.padding[1] \
                 or isinstance(m.padding, str) or m.padding_mode != "zeros":
-            raise ValueError(f"{path}: unsupported Conv2d configuration for int8")
+            raise InputError(f"{path}: unsupported Conv2d configuration for int8")
         super().__init__(owner, path, m.weight, m.bias, split)
         self.stride, self.padding, self.out_channels = m.stride[0], m.padding[0], m.out_channels
         self.in_channels, self.kernel_size, self.groups, self.dilation = m.in_channels, m.kernel_size, 1, (1, 1)

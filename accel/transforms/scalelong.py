@@ -32,6 +32,7 @@ from torch import nn
 
 from ..hooks import attach, detach_all
 from .base import Context, Transform, register
+from ..errors import InputError
 
 KINDS = ("cs", "ls", "sqrt2", "none")
 CONFIG_KEY = "accel_scalelong"
@@ -68,7 +69,7 @@ def skip_layout(unet) -> list[tuple[int, list[int], list[int]]]:
         layout.append((b, [j + 1 for j in idx], [down_channels[j] for j in idx]))
         n_left -= n
     if n_left != 0:
-        raise ValueError(f"ScaleLong: the up path consumes {len(down_channels) - n_left} of {len(down_channels)} skips")
+        raise InputError(f"ScaleLong: the up path consumes {len(down_channels) - n_left} of {len(down_channels)} skips")
     return layout
 
 
@@ -121,11 +122,11 @@ class ScaleLong(Transform):
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"kind {self.kind!r}: use one of {', '.join(KINDS)}")
+            raise InputError(f"kind {self.kind!r}: use one of {', '.join(KINDS)}")
         if not 0 < float(self.kappa) <= 1:
-            raise ValueError("kappa must be in (0, 1]")
+            raise InputError("kappa must be in (0, 1]")
         if int(self.reduction) < 1:
-            raise ValueError("reduction must be >= 1")
+            raise InputError("reduction must be >= 1")
         self.norms: dict[int, float] = {}
         self._config = None
 
@@ -137,7 +138,7 @@ class ScaleLong(Transform):
             return 1 / math.sqrt(2)
         if self.kind == "none":
             return 1.0
-        raise ValueError("learnable scaling (ls) has per-sample coefficients: see the modules' outputs")
+        raise InputError("learnable scaling (ls) has per-sample coefficients: see the modules' outputs")
 
     def modules(self) -> nn.ModuleList:
         """The LS squeeze-excitation modules (empty for the constant kinds), outermost skip first."""
@@ -158,7 +159,7 @@ class ScaleLong(Transform):
             se = None
             if self.kind == "ls":
                 if hasattr(block, MODULE_NAME):
-                    raise ValueError(f"up_blocks.{b} already has a '{MODULE_NAME}' submodule")
+                    raise InputError(f"up_blocks.{b} already has a '{MODULE_NAME}' submodule")
                 se = nn.ModuleList([SqueezeExcite(c, int(self.reduction)) for c in channels]).to(ref.device, ref.dtype)
                 block.add_module(MODULE_NAME, se)
             attach(block, _SkipScaleHook(self, numbers, se), self.hook_name, root=unet)
@@ -189,7 +190,7 @@ class ScaleLong(Transform):
         folder = Path(path) / (subfolder or "")
         cfg = json.loads((folder / "config.json").read_text())
         if CONFIG_KEY not in cfg:
-            raise ValueError(f"{folder} holds no ScaleLong UNet (no '{CONFIG_KEY}' in config.json)")
+            raise InputError(f"{folder} holds no ScaleLong UNet (no '{CONFIG_KEY}' in config.json)")
         from diffusers.utils import logging as dlogging
 
         level = dlogging.get_verbosity()
@@ -207,7 +208,7 @@ class ScaleLong(Transform):
             own = {k for k in unet.state_dict() if f".{MODULE_NAME}." in k}
             if set(state) != own:
                 handle.remove()
-                raise ValueError(f"{folder}: ScaleLong LS weights do not match the model "
+                raise InputError(f"{folder}: ScaleLong LS weights do not match the model "
                                  f"(missing {sorted(own - set(state))[:3]}, unexpected {sorted(set(state) - own)[:3]})")
             unet.load_state_dict(state, strict=False)
         return unet, handle
