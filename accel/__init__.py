@@ -21,13 +21,14 @@ _EXPORTS = {
     "ScaleLong": "transforms",
     "AccelError": "errors", "CalibrationError": "errors", "RecipeError": "errors",
     "TransformConflictError": "errors", "UnsupportedModelError": "errors", "IrreversibleError": "errors",
+    "InputError": "errors",
 }
-_SUBMODULES = {"api", "bench", "calibrate", "calibration", "cli", "dist", "errors", "eval", "fileio", "hooks",
-               "kernels", "miniature", "recipe", "recipes", "schedules", "transforms", "unet"}
+_SUBMODULES = {"adapters", "api", "bench", "calibrate", "calibration", "cli", "dist", "errors", "eval", "experiments", "fileio", "hooks",
+               "kernels", "miniature", "recipe", "recipes", "schedules", "timing", "transforms", "unet"}
 
 __all__ = ["apply", "Handle", "AcceleratedPipeline", "Recipe", "Transform", "FeatureCache", "Inherit", "Quantize", "ScaleLong", "AccelError",
            "CalibrationError", "RecipeError", "TransformConflictError", "UnsupportedModelError", "IrreversibleError",
-           "__version__"]
+           "InputError", "__version__"]
 
 
 def __getattr__(name):
