@@ -121,6 +121,26 @@ def test_two_pipelines_share_no_state(tokenizer_dir):
     hb.remove()
 
 
+def test_one_config_applied_to_two_pipelines(tokenizer_dir):
+    """The same FeatureCache object applied to two pipelines: each handle owns the state of what it attached (the
+    second gets a fresh copy of the config), counts only its own calls, and each remove() restores its model
+    exactly, in either order (the state lived on the shared object: the second remove() left 16 hooks behind)."""
+    a, b = make_pipe("sd", tokenizer_dir, seed=0), make_pipe("sd", tokenizer_dir, seed=1)
+    base_a, base_b, before_a = run(a, "sd"), run(b, "sd"), snapshot(a.unet)
+    fc = accel.FeatureCache(interval=3)
+    ha, hb = accel.apply(a, fc), accel.apply(b, fc)
+    assert ha.transforms[0] is fc and hb.transforms[0] is not fc and hb.transforms[0].to_dict() == fc.to_dict()
+    ra, rb = run(a, "sd"), run(b, "sd")
+    assert torch.equal(run(a, "sd"), ra) and not torch.equal(ra, base_a)
+    assert ha.stats()["pipeline_calls"] == 2 and hb.stats()["pipeline_calls"] == 1
+    hb.remove()
+    assert torch.equal(run(a, "sd"), ra) and torch.equal(run(b, "sd"), base_b)
+    ha.remove()
+    assert not [n for p in (a, b) for n, m in p.unet.named_modules() if hasattr(m, "_diffusers_hook")]
+    after = snapshot(a.unet)
+    assert after[0] == before_a[0] and torch.equal(run(a, "sd"), base_a)
+
+
 def test_schedule_variants(tokenizer_dir):
     pipe = make_pipe("sd", tokenizer_dir, scheduler="DDIMScheduler")
     counter = deep_probe(pipe.unet)

@@ -149,9 +149,18 @@ def attach(unet, pipe, transforms: list[Transform], recipe_name: str | None = No
     :func:`check` (``checked=True``: the caller ran it). When an ``attach`` fails, those before it are undone."""
     if not checked:
         check(unet, pipe, transforms)
+    # A transform object keeps the run-time state of the one model it is attached to (its hooks, cached features,
+    # quantized layers). One already attached through another handle gets a fresh copy of its configuration here
+    # (Transform.replace), so one config applies to several pipelines and each handle undoes exactly its own.
+    transforms = [t.replace() if _in_use(t) else t for t in transforms]
     handle = Handle(unet, pipe, sorted(transforms, key=lambda t: t.order), recipe_name, calibration)
     handle._attach()
     return handle
+
+
+def _in_use(transform: Transform) -> bool:
+    """Whether ``transform`` (this very object) is attached through an active handle."""
+    return any(t is transform for handles in list(_active.values()) for h in handles for t in h._attached)
 
 
 def _check_key(handle) -> str:
