@@ -8,8 +8,8 @@ Three sections, each a function below:
     the SDXL UNet at 1024 px (batch 2: classifier-free guidance), recorded by hooks on one forward, each shape
     timed as a static W8A8 layer (quantize kernel + int8 GEMM/conv) against fp16 cuBLAS/cuDNN (``F.linear``,
     ``F.conv2d``, channels_last), eager and replayed from a CUDA graph (the GPU's time without the host's launch
-    overhead), with the quantization fused into the kernel's A load (graph) and ``torch._int_mm`` (cuBLAS int8
-    GEMM alone, no quantization or epilogue; graph).
+    overhead), with the quantization fused into the kernel's A load (the Triton entry points' ``fuse_quant=True``;
+    graph) and ``torch._int_mm`` (cuBLAS int8 GEMM alone, no quantization or epilogue; graph).
 (c) :func:`end_to_end`: SD 1.5 and SDXL architectures (random weights, fp16, channels_last, one prompt with CFG,
     50 steps, 10 with ``--quick``): the rows of :func:`e2e_rows` (fp16, W8A8, W8A8 with ``select="speed"``, fp8,
     cache I=5, cachequant-w8a8's cache alone and cachequant-w8a8 (one calibration, made here with one prompt and
@@ -444,13 +444,19 @@ def time_layer(s: LayerShape, plan: Plan) -> dict:
         fp16 = lambda: F.conv2d(x, wf, b, s.stride, s.padding)  # noqa: E731
     out["int8"], out["int8_graph"] = timeit(int8, plan), graph_time(int8, plan)
     out["fp16"], out["fp16_graph"] = timeit(fp16, plan), graph_time(fp16, plan)
-    if plan.backend == "triton":
+    if plan.backend == "triton":  # the op's own launch (as kernels.linear / conv2d make it), asked for the fused kernel
         tk = kernels.triton_module()
-        fused, tk.FUSE_QUANT = tk.FUSE_QUANT, True
-        try:
-            out["fused_graph"] = graph_time(int8, plan)
-        finally:
-            tk.FUSE_QUANT = fused
+        if s.kind == "linear":
+            fused = lambda: tk.gemm(x, w, ws, qtable=qt, step=step, w_zero=wz, bias=b, w_sum=wsum,  # noqa: E731
+                                    fuse_quant=True)[0]
+        else:
+            n, _, h, wd = s.x
+            y_shape = (n, s.out, (h + 2 * s.padding - s.k) // s.stride + 1, (wd + 2 * s.padding - s.k) // s.stride + 1)
+            fused = lambda: tk.conv2d(  # noqa: E731
+                x, w, ws, torch.empty(y_shape, dtype=dt, device=dev, memory_format=torch.channels_last), qtable=qt,
+                step=step, w_zero=wz, bias=b, w_sum=wsum, w_tap=tap, stride=s.stride, padding=s.padding,
+                fuse_quant=True)
+        out["fused_graph"] = graph_time(fused, plan)
     return out
 
 

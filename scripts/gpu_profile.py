@@ -2,10 +2,11 @@
 time per kernel), and per layer eager vs CUDA-graph replay (host launch overhead vs GPU time).
 
 ``python scripts/gpu_profile.py [--fused]`` on a CUDA machine (see accel/bench_gpu.py for the set-up); ``--fused``
-quantizes inside the kernels' A load (``FUSE_QUANT``), as every static layer did when this ran on an H200 on
+quantizes inside the kernels' A load (the Triton entry points' ``fuse_quant=True``, handed to every launch of this
+run: the quantized layers' ops do not take it), as every static layer did when this ran on an H200 on
 2026-11-26 (the README's "W8A8 on a GPU"). On a CPU it runs a tiny UNet with the reference backend and prints no GPU
 times (a test does, so the script keeps working)."""
-import sys, time, traceback
+import functools, sys, time, traceback
 import torch
 import torch.nn.functional as F
 import accel
@@ -13,7 +14,9 @@ from accel import bench_gpu as bg, kernels as _kernels
 from accel.calibrate import calibrate
 
 if "--fused" in sys.argv[1:]:
-    _kernels.triton_module().FUSE_QUANT = True
+    _tk = _kernels.triton_module()
+    _tk.gemm, _tk.conv2d = (functools.partial(_tk.gemm, fuse_quant=True),
+                            functools.partial(_tk.conv2d, fuse_quant=True))
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 small = dev == "cpu"
 dt = torch.float16 if dev == "cuda" else torch.float32
