@@ -1,6 +1,6 @@
 """Fused static W8A8 layer (float A quantized inside the GEMM/conv: the Triton entry points' ``fuse_quant=True``) vs
 split (one elementwise quantize kernel, then the int8-A kernel), CUDA-graph replay times (GPU time, no host overhead),
-on the SD 1.5 shapes the README quotes. ``python scripts/gpu_split.py`` on a CUDA machine (see accel/bench_gpu.py for
+on the SD 1.5 shapes the README quotes. ``python scripts/gpu_split.py`` on a CUDA machine (see accel/bench/gpu.py for
 the set-up); on a CPU it runs tiny shapes in Triton's interpreter and prints no times (a test does, so the script
 keeps working).
 It ran on an H200 on 2026-11-26 (the README's "W8A8 on a GPU")."""
@@ -8,7 +8,8 @@ import time, traceback
 import torch, torch.nn.functional as F
 import accel  # noqa: F401 -- before triton: Triton's interpreter on a machine without CUDA
 import triton
-from accel import bench_gpu as bg, kernels
+from accel import kernels
+from accel.bench import gpu as bg
 tk = kernels.triton_module()
 cuda = torch.cuda.is_available()
 dev, dt = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
@@ -23,7 +24,7 @@ plan = bg.gpu_plan(()) if cuda else bg.dry_plan()  # graph timings: median of pl
 
 
 def gt(fn):
-    """Microseconds per call of ``fn`` replayed from a CUDA graph (bench_gpu.graph_time); on a CPU ``fn`` runs once
+    """Microseconds per call of ``fn`` replayed from a CUDA graph (accel.bench.gpu.graph_time); on a CPU ``fn`` runs once
     (the kernels in the interpreter) and the time is NaN."""
     if not cuda:
         fn(); return float("nan")
