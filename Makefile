@@ -44,7 +44,7 @@ notebooks: setup
 	$(PY) notebooks/execute.py
 
 ## the GPU benchmark -> docs/GPU_BENCHMARKS.md (one CUDA GPU, < 10 min; 'not run' without one). On a machine
-## with torch and triton but no network: make bench-gpu PY=python3 STAMP=   (see accel/bench_gpu.py)
+## with torch and triton but no network: make bench-gpu PY=python3 STAMP=   (see accel/bench/gpu.py)
 bench-gpu: setup
 	$(PY) -m accel bench --gpu --out docs/GPU_BENCHMARKS.md
 

@@ -17,8 +17,9 @@ How they are written (Triton's matmul tutorial and production int8 GEMMs):
   kernel (dynamic: a first pass over K finds each row's absmax); 3, int8 codes of that static quantizer, written
   by :func:`quantize_table` (the same table row read on the device), with mode 1's epilogue. A static layer is
   two kernels, quantize then GEMM/conv on int8 (mode 3): fusing the quantization into the A load (mode 1, kept
-  behind :data:`FUSE_QUANT`) measured 3-6x slower on an H200, see there. A dynamic GEMM likewise runs the
-  per-token quantize kernel, then mode 0 with per-row scales (mode 2 behind the same flag).
+  behind the entry points' ``fuse_quant=True``) measured 3-6x slower on an H200 (the figures are where the modes
+  are defined). A dynamic GEMM likewise runs the per-token quantize kernel, then mode 0 with per-row scales (mode 2
+  with the same argument).
 * Integer epilogue first (zero-point corrections in int32, exactly the reference's integers), then one
   conversion to float: ``y = acc * s_a * s_w[n] + (bias[n] + shift * wsum[n])``, written in the output dtype.
 * The conv is an implicit GEMM over NCHW tensors of any strides (channels_last reads contiguous channels):
@@ -142,9 +143,9 @@ A_INT8, A_STATIC, A_DYNAMIC, A_CODES = 0, 1, 2, 3
 # (A_STATIC) made the K loop wait on every A tile (the loads feed arithmetic before the dot, so they are not
 # pipelined): 3x3 conv 2x320x64x64 -> 320 154 us fused vs 5 + 33 us split, 2x1280x16x16 -> 1280 403 vs 2 + 64,
 # linear 8192x320 -> 2560 112 vs 5 + 35 (torch._int_mm alone 41). Dynamic GEMMs are split the same way (per-token
-# quantize kernel, then the int8 GEMM with per-row scales; not yet measured on a GPU). True restores the fused
-# kernels (benchmarks).
-FUSE_QUANT = False
+# quantize kernel, then the int8 GEMM with per-row scales; not yet measured on a GPU). ``fuse_quant=True`` of
+# :func:`gemm` / :func:`conv2d` runs the fused kernels (the benchmarks time both): an argument of the call, not a
+# module-wide switch, so one measurement cannot change what another caller's layers run.
 
 
 @triton.jit
@@ -370,11 +371,13 @@ def _needs_64(*tensors) -> bool:
 def gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, a_scale: torch.Tensor | None = None,
          qtable: torch.Tensor | None = None, step: torch.Tensor | None = None, w_zero: torch.Tensor | None = None,
          bias: torch.Tensor | None = None, w_sum: torch.Tensor | None = None, a_zero: int = 0,
-         out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+         out_dtype: torch.dtype | None = None, fuse_quant: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One launch of :func:`_gemm_kernel`. ``a (M, K)``: int8 with ``a_scale`` (scalar or ``(M,)``) and
     optionally ``a_zero`` (``w_sum`` is then the int32 ``sum_k w``); or float with ``qtable (T, 2)`` (static,
     ``w_sum`` float: the shift's ``W 1``); or float alone (dynamic per row). ``w (N, K)`` int8 with K
-    contiguous; ``w_scale (N,)`` float32; ``w_zero (N,)`` int8/int32. Returns ``(y, per-row scales or None)``."""
+    contiguous; ``w_scale (N,)`` float32; ``w_zero (N,)`` int8/int32. A float ``a`` is quantized by a kernel of its
+    own first (static: :func:`quantize_table`, dynamic: :func:`quantize_per_token`), or, with ``fuse_quant``, inside
+    the GEMM's A load (the slower kernel, kept to be measured). Returns ``(y, per-row scales or None)``."""
     m, k = a.shape
     n = w.shape[0]
     if a.stride(1) != 1:
@@ -384,9 +387,9 @@ def gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *, a_scale: to
     if a.is_floating_point():
         mode = A_STATIC if qtable is not None else A_DYNAMIC
         out_dtype = out_dtype or a.dtype
-        if mode == A_STATIC and not FUSE_QUANT:
+        if mode == A_STATIC and not fuse_quant:
             a, mode = quantize_table(a, qtable, step), A_CODES
-        elif mode == A_DYNAMIC and not FUSE_QUANT:  # the same integers and per-row scales as the fused pass
+        elif mode == A_DYNAMIC and not fuse_quant:  # the same integers and per-row scales as the fused pass
             a, a_scale = quantize_per_token(a)
             mode, row_scales = A_INT8, a_scale
     elif qtable is not None:  # int8 codes a static quantizer wrote (table row ``step``: the epilogue's scale, shift)
@@ -533,10 +536,11 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, y: torch.Ten
            x_scale: torch.Tensor | None = None, qtable: torch.Tensor | None = None, step: torch.Tensor | None = None,
            w_zero: torch.Tensor | None = None, bias: torch.Tensor | None = None, w_sum: torch.Tensor | None = None,
            w_tap: torch.Tensor | None = None, residual: torch.Tensor | None = None, stride: int = 1,
-           padding: int = 0) -> torch.Tensor:
+           padding: int = 0, fuse_quant: bool = False) -> torch.Tensor:
     """One launch of :func:`_conv_kernel` into the preallocated NCHW ``y`` (any strides; ``residual`` must
     have ``y``'s). ``x`` NCHW: int8 with ``x_scale`` (a one-element float32 tensor), or float with ``qtable``
-    (static, shifted when ``w_sum``/``w_tap`` are given). ``w`` int8 ``(O, C, KH, KW)`` with channel stride 1."""
+    (static, shifted when ``w_sum``/``w_tap`` are given; quantized by :func:`quantize_table` first, or inside the
+    conv's A load with ``fuse_quant``, as :func:`gemm`). ``w`` int8 ``(O, C, KH, KW)`` with channel stride 1."""
     nb, c, h, wd = x.shape
     o, _, kh, kw = w.shape
     _, _, ho, wo = y.shape
@@ -545,7 +549,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, y: torch.Ten
     mode = A_STATIC if x.is_floating_point() else A_CODES if qtable is not None else A_INT8
     if mode == A_STATIC and qtable is None:
         raise ValueError("a float input needs the quantizer table qtable")
-    if mode == A_STATIC and not FUSE_QUANT:
+    if mode == A_STATIC and not fuse_quant:
         x, mode = quantize_table(x, qtable, step), A_CODES
     dummy = w_scale
     has_shift = mode in (A_STATIC, A_CODES) and w_sum is not None

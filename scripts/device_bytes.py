@@ -12,12 +12,12 @@ import sys
 import torch
 
 import accel
-from accel import bench_gpu
+from accel.bench.models import SD15_UNET, SDXL_UNET
 from accel.transforms.quantize import device_bytes
 
 torch.set_num_threads(1)
 models = sys.argv[1:] or ["sd15", "sdxl"]
-cfgs = {"sd15": bench_gpu._sd15_unet(), "sdxl": bench_gpu.SDXL_UNET}
+cfgs = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
 for name in models:
     import diffusers
 

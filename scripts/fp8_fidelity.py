@@ -1,5 +1,5 @@
 """fp8 (e4m3) against int8 W8A8 fidelity on the miniature, measured as docs/BENCHMARKS.md's W8A8 rows are
-(`accel.bench.quality_rows`: PSNR / SSIM / CLIP / latent MSE against the float pipeline on held-out prompts, 50
+(`accel.bench.common.quality_rows`: PSNR / SSIM / CLIP / latent MSE against the float pipeline on held-out prompts, 50
 steps, guidance `miniature.GUIDANCE`, one `w8a8` calibration for every static row). fp8 runs as its exact CPU
 emulation here (the same numbers `torch._scaled_mm` computes on a GPU, up to float accumulation order).
 
@@ -11,7 +11,7 @@ import torch
 
 import accel
 from accel import miniature
-from accel.bench import baseline, quality_rows, with_calibration
+from accel.bench.common import baseline, quality_rows, with_calibration
 from accel.calibrate import calibrate
 
 torch.set_num_threads(1)

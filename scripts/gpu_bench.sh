@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole command for a GPU machine that has PyTorch and Triton but not diffusers (this workplace's device
 # machines): install the carried wheels, lay this checkout out as installed, run the quick GPU benchmark into
-# $OUT (or ./gpu-out), the report written after every section. Here, once (see accel/bench_gpu.py's docstring):
+# $OUT (or ./gpu-out), the report written after every section. Here, once (see accel/bench/gpu.py's docstring):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1

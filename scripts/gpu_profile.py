@@ -1,30 +1,34 @@
 """W8A8 on a GPU: where the time goes. torch.profiler of a 10-step SD 1.5 pipeline call, fp16 vs W8A8 (GPU kernel
 time per kernel), and per layer eager vs CUDA-graph replay (host launch overhead vs GPU time).
 
-``python scripts/gpu_profile.py [--fused]`` on a CUDA machine (see accel/bench_gpu.py for the set-up); ``--fused``
-quantizes inside the kernels' A load (``FUSE_QUANT``), as every static layer did when this ran on an H200 on
+``python scripts/gpu_profile.py [--fused]`` on a CUDA machine (see accel/bench/gpu.py for the set-up); ``--fused``
+quantizes inside the kernels' A load (the Triton entry points' ``fuse_quant=True``, handed to every launch of this
+run: the quantized layers' ops do not take it), as every static layer did when this ran on an H200 on
 2026-11-26 (the README's "W8A8 on a GPU"). On a CPU it runs a tiny UNet with the reference backend and prints no GPU
 times (a test does, so the script keeps working)."""
-import sys, time, traceback
+import functools, sys, time, traceback
 import torch
 import torch.nn.functional as F
 import accel
-from accel import bench_gpu as bg, kernels as _kernels
+from accel import kernels as _kernels
+from accel.bench import gpu as bg, models
 from accel.calibrate import calibrate
 
 if "--fused" in sys.argv[1:]:
-    _kernels.triton_module().FUSE_QUANT = True
+    _tk = _kernels.triton_module()
+    _tk.gemm, _tk.conv2d = (functools.partial(_tk.gemm, fuse_quant=True),
+                            functools.partial(_tk.conv2d, fuse_quant=True))
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 small = dev == "cpu"
 dt = torch.float16 if dev == "cuda" else torch.float32
-model = bg.Model("tiny", "sd", bg.TINY_SD, (16,), 64) if small else bg.gpu_plan(("sd15",)).models[0]
+model = models.Model("tiny", "sd", models.TINY_SD, (16,), 64) if small else bg.gpu_plan(("sd15",)).models[0]
 plan = bg.dry_plan() if small else bg.gpu_plan(("sd15",))
 plan.repeats, plan.inner = (1, 1) if small else (5, 20)
 T0 = time.time()
 def log(*a):
     print(f"[{time.time() - T0:5.0f} s]", *a, flush=True)
 
-pipe = bg.build_pipeline(model, dev, dt)
+pipe = models.build_pipeline(model, dev, dt)
 STEPS = 10
 kw = dict(prompt="a red circle on a blue square", num_inference_steps=STEPS, guidance_scale=7.5, output_type="latent",
           height=model.pixels, width=model.pixels)
@@ -90,7 +94,7 @@ if "h" in state:
 # per layer: eager vs CUDA graph replay
 from accel import kernels
 def graph_time(fn):
-    """Seconds per call replayed from a CUDA graph (bench_gpu.graph_time; NaN off CUDA)."""
+    """Seconds per call replayed from a CUDA graph (accel.bench.gpu.graph_time; NaN off CUDA)."""
     t = bg.graph_time(fn, plan)
     return float("nan") if t is None else t
 

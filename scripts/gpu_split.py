@@ -1,13 +1,15 @@
-"""Fused static W8A8 layer (float A quantized inside the GEMM/conv: ``FUSE_QUANT = True``) vs split (one elementwise
-quantize kernel, then the int8-A kernel), CUDA-graph replay times (GPU time, no host overhead), on the SD 1.5 shapes
-the README quotes. ``python scripts/gpu_split.py`` on a CUDA machine (see accel/bench_gpu.py for the set-up); on a
-CPU it runs tiny shapes in Triton's interpreter and prints no times (a test does, so the script keeps working).
+"""Fused static W8A8 layer (float A quantized inside the GEMM/conv: the Triton entry points' ``fuse_quant=True``) vs
+split (one elementwise quantize kernel, then the int8-A kernel), CUDA-graph replay times (GPU time, no host overhead),
+on the SD 1.5 shapes the README quotes. ``python scripts/gpu_split.py`` on a CUDA machine (see accel/bench/gpu.py for
+the set-up); on a CPU it runs tiny shapes in Triton's interpreter and prints no times (a test does, so the script
+keeps working).
 It ran on an H200 on 2026-11-26 (the README's "W8A8 on a GPU")."""
 import time, traceback
 import torch, torch.nn.functional as F
 import accel  # noqa: F401 -- before triton: Triton's interpreter on a machine without CUDA
 import triton
-from accel import bench_gpu as bg, kernels
+from accel import kernels
+from accel.bench import gpu as bg
 tk = kernels.triton_module()
 cuda = torch.cuda.is_available()
 dev, dt = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
@@ -22,21 +24,12 @@ plan = bg.gpu_plan(()) if cuda else bg.dry_plan()  # graph timings: median of pl
 
 
 def gt(fn):
-    """Microseconds per call of ``fn`` replayed from a CUDA graph (bench_gpu.graph_time); on a CPU ``fn`` runs once
+    """Microseconds per call of ``fn`` replayed from a CUDA graph (accel.bench.gpu.graph_time); on a CPU ``fn`` runs once
     (the kernels in the interpreter) and the time is NaN."""
     if not cuda:
         fn(); return float("nan")
     t = bg.graph_time(fn, plan)
     return float("nan") if t is None else t * 1e6
-
-def fuse(fn):
-    """``fn()`` with the quantization fused into the kernel's A load (as every static layer ran before the split)."""
-    before, tk.FUSE_QUANT = tk.FUSE_QUANT, True
-    try:
-        return fn()
-    finally:
-        tk.FUSE_QUANT = before
-
 
 g = torch.Generator().manual_seed(0)
 print("| layer | fp16 us | fused W8A8 us | quantize us | int8-A kernel us | split total us | int_mm us | split == fused |", flush=True)
@@ -56,7 +49,9 @@ for kind, xs, o, k, pad in SHAPES:
             q = torch.empty(xnhwc.shape, dtype=torch.int8, device=dev)
             qv = q.permute(0, 3, 1, 2)
             xs1 = qt[0, 0].reshape(1).float().contiguous()
-            fused = lambda: fuse(lambda: kernels.conv2d(x, w, ws, qt, wz, b, None, None, step, None, 1, pad, "triton"))
+            # the op's launch (kernels.conv2d: a fresh channels_last output), asked for the fused kernel
+            fused = lambda: tk.conv2d(x, w, ws, torch.empty_like(y), qtable=qt, step=step, w_zero=wz, bias=b, stride=1,
+                                      padding=pad, fuse_quant=True)
             quant = lambda: tk._quant_static_kernel[(triton.cdiv(q.numel(), 1024 if cuda else 256),)](xnhwc, q, qp, q.numel(), BLOCK=1024 if cuda else 256)
             int8k = lambda: tk.conv2d(qv, w, ws, y, x_scale=xs1, w_zero=wz, bias=b, stride=1, padding=pad)
             ff = lambda: F.conv2d(x, wf, b, 1, pad)
@@ -66,7 +61,7 @@ for kind, xs, o, k, pad in SHAPES:
             wf, b = torch.randn(o, xs[1], generator=g).to(dev, dt) / 30, torch.zeros(o, device=dev, dtype=dt)
             q = torch.empty(xs, dtype=torch.int8, device=dev)
             sa = qt[0, 0].reshape(1).float().contiguous()
-            fused = lambda: fuse(lambda: kernels.linear(x, w, ws, wz, b, None, qt, step, "triton"))
+            fused = lambda: tk.gemm(x, w, ws, qtable=qt, step=step, w_zero=wz, bias=b, fuse_quant=True)[0]  # the op's launch
             quant = lambda: tk._quant_static_kernel[(triton.cdiv(q.numel(), 1024 if cuda else 256),)](x, q, qp, q.numel(), BLOCK=1024 if cuda else 256)
             int8k = lambda: tk.gemm(q, w, ws, a_scale=sa, w_zero=wz, bias=b, out_dtype=dt)[0]
             ff = lambda: F.linear(x, wf, b)

@@ -484,8 +484,8 @@ def test_bench_sections_are_the_ones_bench_runs():
 
 
 def test_curve_samplers_are_the_ones_the_curves_section_measures():
-    """cli.CURVE_SAMPLERS (what --curve-samplers accepts, without importing torch) is bench_cache.SETTINGS."""
-    from accel.bench_cache import SETTINGS
+    """cli.CURVE_SAMPLERS (what --curve-samplers accepts, without importing torch) is accel.bench.curves.SETTINGS."""
+    from accel.bench.curves import SETTINGS
     from accel.cli import CURVE_SAMPLERS
 
     assert CURVE_SAMPLERS == tuple(s for s, _ in SETTINGS)

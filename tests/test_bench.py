@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from accel.bench import ideal_speedup
+from accel.bench.common import ideal_speedup
 
 
 def test_ideal_speedup():
@@ -26,7 +26,7 @@ def test_pipeline_flops_agrees_with_the_per_call_cost_model(tokenizer_dir):
     """FLOPs counted over a whole pipeline call equal the cost model's full/cached-call arithmetic for a
     cache, and an inheritance schedule counts less than the baseline by exactly the skipped calls' work."""
     import accel
-    from accel.bench import accel_cache, baseline, call_flops, pipeline_flops, with_calibration
+    from accel.bench.common import accel_cache, baseline, call_flops, pipeline_flops, with_calibration
 
     from conftest import make_pipe
 
@@ -44,7 +44,7 @@ def test_pipeline_flops_agrees_with_the_per_call_cost_model(tokenizer_dir):
 def test_gpu_bench_dry_run_and_not_run(tmp_path, monkeypatch):
     """`accel bench --gpu` runs its three sections' code on CPU with tiny models (--dry-run), marked as such;
     without --dry-run on a machine without CUDA the report is 'not run' and nothing else."""
-    from accel import bench_gpu
+    from accel.bench import gpu as bench_gpu
     from accel.cli import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -82,7 +82,7 @@ def test_flop_counter_counts_quantized_layers_as_their_float_layers(tokenizer_di
     """The int8 custom ops have FLOP formulas: a W8A8 pipeline call counts the float call's FLOPs (the FLOP-ideal
     speedup of a composition with W8A8 is that of its cache), and the split shortcut's two halves add up."""
     import accel
-    from accel.bench import baseline, pipeline_flops, with_calibration
+    from accel.bench.common import baseline, pipeline_flops, with_calibration
 
     from conftest import make_pipe
 
@@ -99,7 +99,7 @@ def test_timing_reads_full_calls_from_caches_and_runs_every_other_method(tokeniz
     """The speed table's timer records what a cache spent (an adaptive one decides per call) and times methods
     whose handle has no per-call cache statistics (inheritance, W8A8) as well."""
     import accel
-    from accel.bench import accel_cache, baseline, time_methods, with_calibration
+    from accel.bench.common import accel_cache, baseline, time_methods, with_calibration
 
     from conftest import make_pipe
 
@@ -116,7 +116,7 @@ def test_timing_reads_full_calls_from_caches_and_runs_every_other_method(tokeniz
 def test_gpu_bench_sections_fail_alone_and_report_as_they_go(monkeypatch):
     """A section that breaks is reported in one line and the next one runs; after every section the report so far
     goes to ``emit``; with the time budget spent, sections are reported "not run" and not started."""
-    from accel import bench_gpu
+    from accel.bench import gpu as bench_gpu
 
     plan = bench_gpu.dry_plan()
     plan.models = plan.models[:1]
@@ -149,7 +149,7 @@ def test_gpu_bench_sections_fail_alone_and_report_as_they_go(monkeypatch):
 def test_gpu_bench_end_to_end_rows_fail_alone(monkeypatch):
     """One end-to-end row that breaks (or a calibration that does) is a row saying so; the others are measured."""
     import accel.calibrate
-    from accel import bench_gpu
+    from accel.bench import gpu as bench_gpu
 
     def measure(plan, pipe, call, transforms, cal, compiled):
         if compiled:
@@ -173,7 +173,7 @@ def test_gpu_bench_end_to_end_rows_fail_alone(monkeypatch):
 def test_gpu_bench_cli_leaves_the_partial_report(tmp_path, monkeypatch):
     """`accel bench --gpu` writes the report after every section: a run that dies leaves what it measured, marked
     partial."""
-    from accel import bench_gpu
+    from accel.bench import gpu as bench_gpu
     from accel.cli import main
 
     def run(plan, line, emit=None):

@@ -344,7 +344,7 @@ def test_cfg_forecast_schedule_is_refined_with_it(tokenizer_dir):
 def test_cache_forecast_cfg_recipe_and_curves_bench_mode():
     """Recipe cache-forecast-cfg is the refined schedule with the guidance-mean forecast (no skill), and the curves
     bench (`make bench-cache`) runs it at every sampler, with a calibration that refines its schedule."""
-    from accel import bench_cache
+    from accel.bench import curves as bench_cache
 
     recipe = accel.recipe.load("cache-forecast-cfg")
     cfg = accel.FeatureCache(schedule="calibrated", forecast="taylor1-cfg")

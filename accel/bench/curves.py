@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .common import Method, accel_cache, baseline, speed_table
+from .models import sd15_architecture_pipeline
+
 SETTINGS = (("PNDMScheduler", 50), ("DPMSolverMultistepScheduler", 25), ("EulerDiscreteScheduler", 30))
 INTERVALS = (3, 4, 5, 7)
 REFERENCE_ONLY = (2,)  # uniform only: extends the reference curve above the modes' fidelity
@@ -264,19 +267,17 @@ def speed(args) -> str:
     full calls actually spent (random weights: the adaptive decisions say nothing about quality here)."""
     import accel
 
-    from . import bench
-
     FC = accel.FeatureCache
-    sd = bench.sd15_architecture_pipeline()
-    methods = [bench.baseline(), bench.accel_cache(5, 0)]
+    sd = sd15_architecture_pipeline()
+    methods = [baseline(), accel_cache(5, 0)]
     for label, kw in (("i5 + taylor1", dict(forecast="taylor1")), ("i5 + taylor1 + skill", dict(forecast="taylor1", trust="skill")),
                       ("i5 + taylor2", dict(forecast="taylor2"))):
-        methods.append(bench.accel_cache(5, 0, label=f"accel cache {label}", **kw))
+        methods.append(accel_cache(5, 0, label=f"accel cache {label}", **kw))
     for label, kw in (("adaptive (threshold 0.1, at most 4 cached)", {}),
                       ("adaptive + taylor1 + skill (threshold 0.1, at most 4 cached)", dict(forecast="taylor1", trust="skill"))):
         t = FC(schedule="adaptive", threshold=0.1, max_cached=4, **kw)
-        methods.append(bench.Method(f"accel {label}", lambda pipe, t=t: accel.apply(pipe, t).remove, None, 0))
-    table, _ = bench.speed_table(sd, methods, args.sd_steps, args.sd_latent, args.sd_repeats, progress=not args.quiet)
+        methods.append(Method(f"accel {label}", lambda pipe, t=t: accel.apply(pipe, t).remove, None, 0))
+    table, _ = speed_table(sd, methods, args.sd_steps, args.sd_latent, args.sd_repeats, progress=not args.quiet)
     return (f"### What the forecast and the probe cost: SD 1.5 architecture, {args.sd_steps} PNDM steps, "
             f"{args.sd_latent}x{args.sd_latent} latent, median of {args.sd_repeats} interleaved runs\n\n"
             "The FLOP-ideal counts full and cached calls only (not the forecast's multiply-adds nor the probe's "
