@@ -235,7 +235,7 @@ LAYERS = [
 def _layer(name: str) -> int | None:
     node = folder(name)
     for i, layer in enumerate(LAYERS):
-        if node in layer or any(node.startswith(m + "_") for m in layer):  # accel.bench_gpu: a bench module
+        if node in layer:
             return i
     return None
 

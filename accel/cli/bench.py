@@ -1,5 +1,5 @@
 """``accel bench``: the cost model, speed and quality side by side in one Markdown report (accel.bench measures;
-``--gpu`` runs accel.bench_gpu instead). The names the options accept are spelled out here, not read from the
+``--gpu`` runs accel.bench.gpu instead). The names the options accept are spelled out here, not read from the
 bench modules, so that ``accel bench --help`` and a bad ``--sections`` answer without importing torch; tests check
 that they are the ones the benches know."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ from .common import _int_at_least
 
 BENCH_SECTIONS = ("cost", "speed", "quality", "quant", "asdm", "compile", "gpu", "curves")
 BENCH_DEFAULT = ("cost", "speed", "quality", "quant", "asdm", "compile", "gpu")  # curves: its own report (make bench-cache)
-CURVE_SAMPLERS = ("PNDMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler")  # bench_cache.SETTINGS
-GPU_MODELS = ("sd15", "sdxl")  # bench_gpu.gpu_plan's models
+CURVE_SAMPLERS = ("PNDMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler")  # accel.bench.curves.SETTINGS
+GPU_MODELS = ("sd15", "sdxl")  # accel.bench.gpu.gpu_plan's models
 
 
 def _int_list(text: str) -> list[int]:
@@ -63,7 +63,7 @@ def cmd_bench(args):
 
     args.command_line = "accel " + " ".join(shlex.quote(a) for a in args.argv)
     if args.gpu:
-        from accel import bench_gpu
+        from accel.bench import gpu as bench_gpu
 
         # the report so far after every section, so that a run stopped from outside leaves what it measured
         text = bench_gpu.main(args, emit=lambda part: write_text_atomic(out, part + bench_gpu.PARTIAL))
@@ -111,7 +111,7 @@ def add_parser(sub):
                    "heaviest layer shapes; make bench-gpu-quick)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=_int_at_least(1), default=1, help="torch intra-op threads (default 1)")
-    g = p.add_argument_group("GPU benchmark (accel/bench_gpu.py; make bench-gpu)")
+    g = p.add_argument_group("GPU benchmark (accel/bench/gpu.py; make bench-gpu)")
     g.add_argument("--gpu", action="store_true", help="the GPU benchmark instead (one CUDA GPU, < 10 min): kernels vs "
                    "reference, int8 layer throughput on SD 1.5 / SDXL shapes, end to end; without CUDA the report says "
                    "'not run'")
