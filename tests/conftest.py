@@ -2,6 +2,14 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+# `python -m pytest` puts the checkout's root on sys.path, where our kernels/ folder would be found as a top-level
+# `kernels` package: transformers' check for the hub's `kernels` package then imports it a second time, and that
+# copy's custom-op registrations replace accel.kernels'. accel is installed (editable): the root is not needed.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")

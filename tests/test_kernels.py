@@ -121,27 +121,20 @@ def test_backend_choice():
 def fused(request, monkeypatch):
     """A static layer both ways: quantize kernel + int8 GEMM/conv (what runs) and quantization in the A load (the
     Triton entry points' ``fuse_quant=True``, handed here to every launch the test's ops make: they do not take the
-    argument; a fused run in which no launch got it fails).
-
-    Every loaded copy of the kernels package gets it: under ``python -m pytest`` the checkout's root is on sys.path,
-    and transformers' check for the hub's ``kernels`` package (imported with the quantizer's dependencies) imports
-    this folder a second time as top-level ``kernels``, whose registration of the custom ops is the one that runs."""
-    import sys
-
-    import accel.transforms.quantize  # noqa: F401 -- what the tests import: the second copy, if any, exists now
-
+    argument; a fused run in which no launch got it fails)."""
     took = []
     if request.param:
-        copies = [m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == kernels.__file__]
-        for tk in {id(t): t for t in (pkg.triton_module() for pkg in copies)}.values():
-            for name in ("gemm", "conv2d"):
-                def fused_entry(*args, _entry=getattr(tk, name), _name=name, **kwargs):
-                    took.append(_name)
-                    return _entry(*args, fuse_quant=True, **kwargs)
+        tk = kernels.triton_module()
+        for name in ("gemm", "conv2d"):
+            def fused_entry(*args, _entry=getattr(tk, name), _name=name, **kwargs):
+                took.append(_name)
+                return _entry(*args, fuse_quant=True, **kwargs)
 
-                monkeypatch.setattr(tk, name, fused_entry)
+            monkeypatch.setattr(tk, name, fused_entry)
     yield request.param
     assert took or not request.param, "no Triton launch ran fused"
+
+
 def _layer(o, c, kh=None, g=None, asym=True):
     """int8 weights as Quantize stores them, with their scales, zero points and dequantized sums."""
     from accel.transforms.quantize import _weight_sums
