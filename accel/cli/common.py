@@ -205,6 +205,19 @@ def _settings(args):
     return GenerationSettings(steps=args.steps, guidance=default_guidance(args), seed=args.seed, batch_size=args.batch_size)
 
 
+def prepared_pipeline(args):
+    """What generate and eval share: every check that needs no model (device, model, settings, scheduler, recipe and
+    calibration, CLIP), then the model loaded with the recipe applied. Returns ``(settings, scorer, pipe, handle)``."""
+    check_device(args.device)
+    check_model(args.model)
+    settings = _settings(args)
+    check_scheduler(args.scheduler)
+    recipe, calib, made_with = _recipe_and_calibration(args, settings.guidance)
+    scorer = _clip_scorer(args.clip)
+    pipe = load_model(args.model, args.device, args.scheduler, made_with)
+    return settings, scorer, pipe, _apply_recipe(pipe, recipe, calib)
+
+
 def _apply_recipe(pipe, recipe, calib):
     """``accel.apply`` of the recipe with the calibration object :func:`_recipe_and_calibration` loaded. ``apply``
     checks only a calibration it loads itself, so the checks ``Calibration.load(path, unet, pipe)`` makes (made for

@@ -18,14 +18,7 @@ def cmd_eval(args):
         images = check_destination(args.save_images, runner.is_image_folder, "a folder written by accel",
                                    folder=True, flag="--save-images")
     prompts = runner.load_prompts(args.prompts, args.num_images, seed=args.seed)
-    common.check_device(args.device)
-    common.check_model(args.model)
-    settings = common._settings(args)
-    common.check_scheduler(args.scheduler)
-    recipe, calib, made_with = common._recipe_and_calibration(args, settings.guidance)
-    scorer = common._clip_scorer(args.clip)
-    pipe = common.load_model(args.model, args.device, args.scheduler, made_with)
-    handle = common._apply_recipe(pipe, recipe, calib)
+    settings, scorer, pipe, handle = common.prepared_pipeline(args)
     from accel.dist import state
 
     main = state().is_main_process

@@ -17,14 +17,7 @@ def cmd_generate(args):
         prompts = [args.prompt[i % len(args.prompt)] for i in range(n)]
     else:
         prompts = runner.load_prompts(args.prompts, 8 if args.num_images is None else args.num_images, seed=args.seed)
-    common.check_device(args.device)
-    common.check_model(args.model)
-    settings = common._settings(args)
-    common.check_scheduler(args.scheduler)
-    recipe, calib, made_with = common._recipe_and_calibration(args, settings.guidance)
-    scorer = common._clip_scorer(args.clip)
-    pipe = common.load_model(args.model, args.device, args.scheduler, made_with)
-    handle = common._apply_recipe(pipe, recipe, calib)
+    settings, scorer, pipe, handle = common.prepared_pipeline(args)
     from accel.dist import state
 
     main = state().is_main_process
