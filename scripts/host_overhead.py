@@ -21,7 +21,7 @@ import torch.nn as nn  # noqa: E402
 
 import accel  # noqa: E402
 from accel import kernels  # noqa: E402
-from accel.transforms.quantize import QConv2d, QLinear  # noqa: E402
+from accel.transforms.quantize import QConv2d, QLinear, QuantizedLayers  # noqa: E402
 
 
 def stub_kernels():
@@ -44,7 +44,7 @@ def per_call_us(fn, calls):
 
 def layers():
     """A static quantized Linear and 3x3 conv on the Triton backend (two UNet calls of tables), and their floats."""
-    owner = accel.Quantize(mode="static", backend="triton")
+    owner = QuantizedLayers(accel.Quantize(mode="static", backend="triton"))
     lin, conv = nn.Linear(64, 64), nn.Conv2d(16, 16, 3, padding=1)
     ql, qc = QLinear(owner, "lin", lin), QConv2d(owner, "conv", conv, None)
     for q in (ql, qc):

@@ -123,13 +123,15 @@ def test_two_pipelines_share_no_state(tokenizer_dir):
 
 def test_one_config_applied_to_two_pipelines(tokenizer_dir):
     """The same FeatureCache object applied to two pipelines: each handle owns the state of what it attached (the
-    second gets a fresh copy of the config), counts only its own calls, and each remove() restores its model
+    config is not changed by attaching it), counts only its own calls, and each remove() restores its model
     exactly, in either order (the state lived on the shared object: the second remove() left 16 hooks behind)."""
     a, b = make_pipe("sd", tokenizer_dir, seed=0), make_pipe("sd", tokenizer_dir, seed=1)
     base_a, base_b, before_a = run(a, "sd"), run(b, "sd"), snapshot(a.unet)
     fc = accel.FeatureCache(interval=3)
+    config = dict(vars(fc))
     ha, hb = accel.apply(a, fc), accel.apply(b, fc)
-    assert ha.transforms[0] is fc and hb.transforms[0] is not fc and hb.transforms[0].to_dict() == fc.to_dict()
+    assert ha.transforms[0] is fc and hb.transforms[0] is fc
+    assert ha.applied(accel.FeatureCache) is not hb.applied(accel.FeatureCache)
     ra, rb = run(a, "sd"), run(b, "sd")
     assert torch.equal(run(a, "sd"), ra) and not torch.equal(ra, base_a)
     assert ha.stats()["pipeline_calls"] == 2 and hb.stats()["pipeline_calls"] == 1
@@ -139,6 +141,29 @@ def test_one_config_applied_to_two_pipelines(tokenizer_dir):
     assert not [n for p in (a, b) for n, m in p.unet.named_modules() if hasattr(m, "_diffusers_hook")]
     after = snapshot(a.unet)
     assert after[0] == before_a[0] and torch.equal(run(a, "sd"), base_a)
+    assert vars(fc) == config  # run-time state lived in the handles' Applied objects, not on the config
+
+
+def test_attaching_never_changes_a_config(tokenizer_dir):
+    """Every transform keeps what it holds for one model in the handle's Applied object: its config is the same
+    before apply, while it runs and after remove (so one config serves several pipelines, and a recipe that was
+    applied saves as it was written)."""
+    import copy
+
+    pipe = make_pipe("sd", tokenizer_dir)
+    configs = [accel.ScaleLong(kind="cs", kappa=0.9), accel.Quantize(mode="dynamic", exclude=["conv_in"]),
+               accel.Inherit(targets="mid_block", every=2), accel.FeatureCache(interval=3, forecast="taylor1")]
+    before = [copy.deepcopy(vars(t)) for t in configs]
+    h = accel.apply(pipe, configs)
+    run(pipe, "sd")
+    assert [vars(t) for t in configs] == before
+    assert {type(h.applied(type(t)).transform) for t in configs} == {type(t) for t in configs}
+    assert h.applied("Quantize").layer("down_blocks.0.resnets.0.conv1") is not None
+    h.remove()
+    assert [vars(t) for t in configs] == before and [t.to_dict() for t in h.recipe().transforms] == \
+        [t.to_dict() for t in sorted(configs, key=lambda t: t.order)]
+    with pytest.raises(KeyError, match="no ScaleLong attached"):
+        accel.apply(pipe, accel.FeatureCache(interval=2)).applied(accel.ScaleLong)
 
 
 def test_schedule_variants(tokenizer_dir):

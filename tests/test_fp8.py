@@ -6,13 +6,14 @@ import torch.nn as nn
 import accel
 from accel.calibrate import calibrate
 from accel.kernels import fp8
-from accel.transforms.quantize import QConv1x1FP8, QConv2d, QLinear, QLinearFP8, Quantize, weight_bytes
+from accel.transforms.quantize import (QConv1x1FP8, QConv2d, QLinear, QLinearFP8, Quantize, QuantizedLayers,
+                                      weight_bytes)
 
 from conftest import make_pipe, pipe_inputs
 
 
 def _owner(mode="dynamic", **kw):
-    owner = Quantize(dtype="fp8", backend="reference", **kw)
+    owner = QuantizedLayers(Quantize(dtype="fp8", backend="reference", **kw))
     owner._mode = mode
     return owner
 
@@ -201,7 +202,7 @@ def test_torch_compile_fullgraph_one_op_per_layer(tokenizer_dir):
     torch._dynamo.reset()
     with accel.apply(pipe, accel.Quantize(dtype="fp8", mode="static", exclude=["conv_in", "conv_out"]),
                      calibration=cal) as h:
-        q = h.transforms[0]
+        q = h.applied(accel.Quantize)
         fn = torch.compile(lambda *a, **k: type(unet).forward(unet, *a, **k), fullgraph=True,
                            backend=_capturing_aot_eager(graphs))
         with torch.no_grad():

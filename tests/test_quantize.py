@@ -70,10 +70,10 @@ def test_filter_and_exclude(tokenizer_dir):
 
 @pytest.mark.parametrize("kind", ["linear", "conv", "conv_split"])
 def test_triton_backend_equals_reference_module(kind):
-    from accel.transforms.quantize import Quantize
+    from accel.transforms.quantize import Quantize, QuantizedLayers
 
     g = torch.Generator().manual_seed(3)
-    owner_r, owner_t = Quantize(backend="reference"), Quantize(backend="triton")
+    owner_r, owner_t = QuantizedLayers(Quantize(backend="reference")), QuantizedLayers(Quantize(backend="triton"))
     if kind == "linear":
         m = nn.Linear(24, 10)
         x = torch.randn(2, 5, 24, generator=g)
@@ -152,7 +152,7 @@ def test_cache_schedule_is_fit_with_the_quantizer_running(tokenizer_dir):
 def test_asymmetric_activations_shift_exactly_and_help_on_skewed_inputs(kind):
     """x = m + s q: the shift's product is added back exactly (borders of a zero-padded conv included), so a
     constant input offset costs nothing, and on SiLU-like inputs the error is smaller than symmetric."""
-    from accel.transforms.quantize import Quantize
+    from accel.transforms.quantize import Quantize, QuantizedLayers
 
     g = torch.Generator().manual_seed(5)
     if kind == "linear":
@@ -162,7 +162,7 @@ def test_asymmetric_activations_shift_exactly_and_help_on_skewed_inputs(kind):
         shape = (2, 16, 6, 6)
     errors = {}
     for scheme in ("asymmetric", "symmetric"):
-        owner = Quantize(backend="reference", act_scheme=scheme)
+        owner = QuantizedLayers(Quantize(backend="reference", act_scheme=scheme))
         owner._mode = "static"
         split = 6 if kind == "conv_split" else None
         q = QLinear(owner, "l", m) if kind == "linear" else QConv2d(owner, "c", m, split)

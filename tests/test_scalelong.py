@@ -76,8 +76,8 @@ def test_ls_trains_saves_loads_and_removes_exactly(tmp_path):
     unet = tiny_unet()
     x, t, ctx = unet_inputs(unet)
     keys, config = set(unet.state_dict()), dict(unet.config)
-    sl = ScaleLong(kind="ls", reduction=4, record_norms=True)
-    h = accel.apply(unet, sl)
+    h = accel.apply(unet, ScaleLong(kind="ls", reduction=4, record_norms=True))
+    sl = h.applied(ScaleLong)
     se_params = [n for n, _ in unet.named_parameters() if ".scalelong." in n]
     assert len(se_params) == 12 * 4 and len(sl.modules()) == 12  # fc1/fc2 weight+bias per skip
     # one optimizer step on a UNet: the LS modules get gradients and move
@@ -175,5 +175,5 @@ def test_training_recipe_takes_scalelong_and_resumes(tmp_path):
     assert [r["step"] for r in log] == [0, 1, 2]
     assert all(r[f"skip_{i}"] > 0 for r in log for i in range(1, 13))
     unet, h = ScaleLong.from_pretrained(tmp_path / "run" / "final" / "unet")
-    assert h.transforms[0].kind == "ls" and len(h.transforms[0].modules()) == 12
+    assert h.transforms[0].kind == "ls" and len(h.applied("ScaleLong").modules()) == 12
     h.remove()

@@ -14,7 +14,7 @@ import accel
 from accel.calibrate import calibrate
 from accel.kernels import triton_kernels as tk
 from accel.kernels.ops import IMPLS
-from accel.transforms.quantize import QConv2d, QLinear
+from accel.transforms.quantize import QConv2d, QLinear, QuantizedLayers
 
 from conftest import sd_components, tiny_unet
 
@@ -255,7 +255,7 @@ def test_handle_compile_fullgraph_static_w8a8_with_forecasting_cache(tokenizer_d
         assert not [op for op in ops if op.startswith(host)], set(ops)
         assert sum("accel.linear" in op or "accel.conv2d" in op for op in ops) > 20
         assert torch.equal(first, eager) and torch.equal(second, eager)
-        cache = h.transforms[-1]
+        cache = h.applied(accel.FeatureCache)
         h.clock.cudagraphs = True  # as mode="reduce-overhead" sets it: kept features copied after full calls
         copied, after = [], cache._after_call
 
@@ -284,7 +284,7 @@ def test_eager_inference_skips_the_dispatcher_and_nothing_else_does(tokenizer_di
 
     g = torch.Generator().manual_seed(0)
     conv = torch.nn.Conv2d(8, 16, 3, padding=1)
-    owner = accel.Quantize(mode="static")
+    owner = QuantizedLayers(accel.Quantize(mode="static"))
     q = QConv2d(owner, "conv", conv, None)
     q.act_scales, q.act_shifts = torch.full((1, 1), 0.02), torch.zeros(1, 1)
     owner._modules = {"conv": q}
@@ -306,7 +306,7 @@ def test_eager_inference_skips_the_dispatcher_and_nothing_else_does(tokenizer_di
 
 
 def _static_conv(cin=16, cout=16, k=3, padding=1, shift=0.1):
-    owner = accel.Quantize(mode="static", backend="triton")
+    owner = QuantizedLayers(accel.Quantize(mode="static", backend="triton"))
     conv = torch.nn.Conv2d(cin, cout, k, padding=padding)
     q = QConv2d(owner, "conv", conv, None)
     q.act_scales, q.act_shifts = torch.full((2, 1), 0.02), torch.full((2, 1), shift)
@@ -382,7 +382,7 @@ def test_inductor_quantizes_q_k_v_in_the_layer_norm_kernel():
 
     from torch._inductor.utils import run_and_get_code
 
-    owner = accel.Quantize(mode="static")
+    owner = QuantizedLayers(accel.Quantize(mode="static"))
     qs = []
     for i, name in enumerate(("to_q", "to_k", "to_v")):
         q = QLinear(owner, name, torch.nn.Linear(32, 32))

@@ -237,20 +237,20 @@ def collect_quant_dec(pipe, quant, cache, calib: Calibration, prompts, steps, n_
     unet, _ = resolve(pipe)
     q = _static(quant)
     handle = apply(pipe, [cache, q], calibration=calib)
-    clock = handle.clock
+    clock, layers = handle.clock, handle.applied(q.__class__)
     consumers = _consumers(unet, cache.branch)
     decs, tensors = {}, {}
     try:
         for path in consumers:
-            qm = q._modules.get(path)  # by path: a LoRA wrapper may sit at the path, the layer is its base layer
+            qm = layers.layer(path)  # by path: a LoRA wrapper may sit at the path, the layer is its base layer
             if isinstance(qm, QConv2d) or hasattr(qm, "weight_q0"):
-                decs[path] = hooks.attach(qm, _DecRecorder(clock, q.float_layer(path), n_calls), REC_HOOK, root=unet)
+                decs[path] = hooks.attach(qm, _DecRecorder(clock, layers.float_layer(path), n_calls), REC_HOOK, root=unet)
         batches = _batches(len(prompts), batch_size)
         for _, _ in _run_batches(pipe, prompts, steps, seed, guidance, batches, range(len(batches)),
                               "calibrate quant DEC", progress):
             pass
     finally:
-        hooks.detach_all([q._modules[path] for path in decs], REC_HOOK, unet)
+        hooks.detach_all([layers.layer(path) for path in decs], REC_HOOK, unet)
         handle.remove()
     for path, rec in decs.items():
         alpha, beta = rec.coefficients()

@@ -274,8 +274,8 @@ def train_unet(cfg, out: Path):
         from ..api import apply
         from ..transforms.scalelong import ScaleLong
 
-        scalelong = ScaleLong(kind=cfg.get("scalelong", "none"), kappa=cfg.get("kappa", 0.8), record_norms=True)
-        apply(unet, scalelong)
+        scalelong = apply(unet, ScaleLong(kind=cfg.get("scalelong", "none"), kappa=cfg.get("kappa", 0.8),
+                                          record_norms=True)).applied(ScaleLong)  # its skip norms
     noise_sched = DDPMScheduler(**{k: v for k, v in models.SCHEDULER_CONFIG.items() if k not in ("skip_prk_steps", "set_alpha_to_one")})
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.01)

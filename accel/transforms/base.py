@@ -1,6 +1,10 @@
-"""What every transform is: a small config object that attaches hooks to a live UNet and removes them.
+"""What every transform is: a small, pure config object, and what it leaves on a live UNet while attached.
 
-A transform declares ``order`` (where it goes when several are applied together: structural changes
+A :class:`Transform` holds its parameters only: attaching it to a UNet builds an :class:`Applied`, the run-time
+half (the hooks, kept features, quantized layers and counters of that one model), which the handle holds and
+undoes. The config never changes after construction, so one config applies to any number of pipelines at once
+and copies of it (:meth:`Transform.replace`) need nothing reset, as diffusers' cache configs and torchao's
+``quantize_`` configs work. A transform declares ``order`` (where it goes when several are applied together: structural changes
 such as module replacement first, step-level skipping last) and ``requires_pipeline`` (it needs the
 pipeline's scheduler to know where a pipeline call starts and how many UNet calls it makes).
 Parameters are dataclass fields; :meth:`to_dict` / :meth:`from_dict` are what recipes read and write.
@@ -31,21 +35,24 @@ class Context:
     calibration: object | None = None  # accel.calibration.Calibration, when one was given
 
 
-class Transform(abc.ABC):
-    order: int = 50
-    requires_pipeline: bool = False
+class Applied:
+    """One transform attached to one UNet: the run-time state its hooks read and write, and how to undo it.
 
-    @property
-    def hook_name(self) -> str:
-        return f"accel.{type(self).__name__}"
+    Made by :meth:`Transform.attach`; ``transform`` is the config it was made from. The run-time code reads the
+    config's fields as its own attributes (``self.interval`` is ``self.transform.interval``): only names the run
+    does not set itself are looked up on the config."""
 
-    @abc.abstractmethod
-    def attach(self, ctx: Context) -> None:
-        """Attach hooks / swap modules on ``ctx.unet``."""
+    def __init__(self, transform: "Transform"):
+        self.transform = transform
 
-    @abc.abstractmethod
+    def __getattr__(self, name):
+        if name == "transform":  # not set yet (copy / unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.transform, name)
+
     def detach(self, ctx: Context) -> None:
-        """Undo :meth:`attach` exactly."""
+        """Undo the attach exactly."""
+        raise NotImplementedError
 
     def attached(self, ctx: Context) -> None:
         """Called once every transform of an ``apply`` is attached (what may only happen once nothing can fail and
@@ -55,13 +62,27 @@ class Transform(abc.ABC):
         """Why :meth:`detach` cannot restore the original model (``None``: it can)."""
         return None
 
+
+class Transform(abc.ABC):
+    order: int = 50
+    requires_pipeline: bool = False
+
+    @property
+    def hook_name(self) -> str:
+        return f"accel.{type(self).__name__}"
+
+    @abc.abstractmethod
+    def attach(self, ctx: Context) -> Applied:
+        """Attach hooks / swap modules on ``ctx.unet``; what is kept for that model lives in the returned
+        :class:`Applied` (never on the config: ``self`` is not changed)."""
+
     def config(self) -> dict:
         """The constructor arguments (every init field, ``None`` and callables included): ``type(t)(**t.config())``
-        is a fresh, unattached copy. Run-time state is never an init field."""
+        is an equal copy. Run-time state is never here: it lives in the :class:`Applied` objects."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     def replace(self, **changes) -> "Transform":
-        """A fresh, unattached copy with ``changes`` (``dataclasses.replace``: validated again, no run-time state)."""
+        """A copy with ``changes`` (``dataclasses.replace``: validated again)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

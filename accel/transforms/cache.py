@@ -12,7 +12,7 @@ optional per-call affine correction of the reused feature (CacheQuant's DEC, :mo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import ModelHook
@@ -23,7 +23,7 @@ from ..hooks import attach, detach_all
 from ..unet import cached_units, feature_of, num_branches, with_feature
 from . import adaptive
 from . import forecast as forecasting
-from .base import Context, Transform, register
+from .base import Applied, Context, Transform, register
 
 
 class _ReuseHook(ModelHook):
@@ -32,7 +32,7 @@ class _ReuseHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, owner: "FeatureCache", boundary: bool):
+    def __init__(self, owner: "_CachedFeatures", boundary: bool):
         super().__init__()
         self.owner, self.boundary, self.kept = owner, boundary, None
 
@@ -104,7 +104,6 @@ class FeatureCache(Transform):
     max_cached: int | None = None
     order = 80
     requires_pipeline = True
-    _hooks: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         if self.interval is None and self.schedule is None:
@@ -135,7 +134,6 @@ class FeatureCache(Transform):
             raise InputError("trust='skill' damps each sample's forecast at run time, which the calibrated correction "
                              "cannot model: use one of trust and correction")
         self._depth = self._order + 1 + (self.trust is not None)  # full calls kept (skill needs one more)
-        self._skill = None
         if self.schedule == "adaptive":
             if self.threshold is not None and self.budget is not None:
                 raise InputError("schedule='adaptive' takes budget=K (a calibrated threshold) or threshold=x, not both")
@@ -145,19 +143,60 @@ class FeatureCache(Transform):
             raise InputError("threshold and max_cached go with schedule='adaptive'")
         if self.max_cached is not None and (not isinstance(self.max_cached, int) or self.max_cached < 1):
             raise InputError(f"max_cached must be a positive integer, got {self.max_cached!r}")
-        self._full, self._plan, self._correction, self._calib, self._dec = True, None, None, None, None
-        self._shape, self._open, self._run = None, False, 0
-        self._idx: list[int] = []        # the full calls the forecast uses, newest first
-        self._features: list = []        # the boundary feature at those calls
-        self._probes: list = []          # the probe feature at those calls (adaptive)
-        self._w = torch.zeros(forecasting.ORDERS["taylor2"] + 1)  # forecast weights of this call (on the features' device)
-        self._sources = 1
-        self._stats = _Stats()
 
     @property
     def prediction(self) -> str | None:
         """What cached calls hand on, as calibrations name it: None (reuse), ``"taylor1"``, ``"taylor1+skill"``..."""
         return None if self.forecast is None else self.forecast + (f"+{self.trust}" if self.trust else "")
+
+    def needs_calibration(self) -> bool:
+        """Whether this cache reads a calibration (its schedule, correction or adaptive threshold)."""
+        return self.schedule in ("calibrated", "dp") or self.correction is not None or \
+            (self.schedule == "adaptive" and self.threshold is None)
+
+    def attach(self, ctx: Context) -> "_CachedFeatures":
+        n = num_branches(ctx.unet)
+        if not 0 <= self.branch < n:
+            raise InputError(f"branch {self.branch} out of range 0..{n - 1} for this UNet")
+        if self.needs_calibration() and ctx.calibration is None:
+            raise CalibrationError(f"FeatureCache(schedule={self.schedule!r}, correction={self.correction!r}) needs a "
+                                   "calibration: run `accel calibrate` and pass calibration=DIR"
+                                   + (" (or give threshold=x)" if self.schedule == "adaptive" else ""))
+        return _CachedFeatures(self, ctx)
+
+
+class _CachedFeatures(Applied):
+    """A :class:`FeatureCache` on one UNet: its hooks, the full calls of this pipeline call, the features kept for
+    the forecast, the correction of this call, the counts."""
+
+    def __init__(self, transform: FeatureCache, ctx: Context):
+        super().__init__(transform)
+        self._full, self._plan, self._correction, self._calib, self._dec = True, None, None, None, None
+        self._shape, self._open, self._run, self._skill = None, False, 0, None
+        self._idx: list[int] = []        # the full calls the forecast uses, newest first
+        self._features: list = []        # the boundary feature at those calls
+        self._probes: list = []          # the probe feature at those calls (adaptive)
+        self._w = torch.zeros(forecasting.ORDERS["taylor2"] + 1)  # forecast weights of this call (on the features' device)
+        self._sources = 1
+        self._dec_cache, self._threshold = {}, None
+        if self.needs_calibration():
+            self._calib = ctx.calibration.cache(self.branch, self.budget)
+        if self.schedule == "adaptive":
+            self._threshold = self.threshold if self.threshold is not None else \
+                self._calib.threshold(self.prediction, self.max_cached, self.correction)
+        units, boundary = cached_units(ctx.unet, self.branch)
+        self._hooks = {}
+        for u in units:
+            hook = _ReuseHook(self, boundary=u.path == boundary.path)
+            attach(u.module, hook, self.hook_name, root=ctx.unet)
+            self._hooks[u.path] = (u.module, hook)
+        if self.schedule == "adaptive":
+            attach(ctx.unet.conv_in, adaptive.Probe(self), self.hook_name, root=ctx.unet)
+            self._hooks["conv_in"] = (ctx.unet.conv_in, None)
+        self._clock, self._pipe, self._split = ctx.clock, ctx.pipe, False
+        self._stats = _Stats()
+        ctx.clock.add_listener(self.hook_name, self._on_tick)
+        ctx.clock.add_listener(self.hook_name, self._after_call, after=True)
 
     # -- the schedule ------------------------------------------------------------------------------
     def full_calls(self, n: int | None) -> list[int] | None:
@@ -277,38 +316,6 @@ class FeatureCache(Transform):
             h = forecasting.cfg_mean_step(h, store[0])
         return h
 
-    # -- attach / detach ---------------------------------------------------------------------------
-    def attach(self, ctx: Context) -> None:
-        n = num_branches(ctx.unet)
-        if not 0 <= self.branch < n:
-            raise InputError(f"branch {self.branch} out of range 0..{n - 1} for this UNet")
-        self._dec, self._dec_cache = None, {}
-        needs_calib = self.schedule in ("calibrated", "dp") or self.correction is not None or \
-            (self.schedule == "adaptive" and self.threshold is None)
-        if needs_calib:
-            if ctx.calibration is None:
-                raise CalibrationError(f"FeatureCache(schedule={self.schedule!r}, correction={self.correction!r}) needs a "
-                                       "calibration: run `accel calibrate` and pass calibration=DIR"
-                                       + (" (or give threshold=x)" if self.schedule == "adaptive" else ""))
-            self._calib = ctx.calibration.cache(self.branch, self.budget)
-        if self.schedule == "adaptive":
-            self._threshold = self.threshold if self.threshold is not None else \
-                self._calib.threshold(self.prediction, self.max_cached, self.correction)
-        units, boundary = cached_units(ctx.unet, self.branch)
-        self._hooks = {}
-        for u in units:
-            hook = _ReuseHook(self, boundary=u.path == boundary.path)
-            attach(u.module, hook, self.hook_name, root=ctx.unet)
-            self._hooks[u.path] = (u.module, hook)
-        if self.schedule == "adaptive":
-            attach(ctx.unet.conv_in, adaptive.Probe(self), self.hook_name, root=ctx.unet)
-            self._hooks["conv_in"] = (ctx.unet.conv_in, None)
-        self._full, self._shape, self._clock = True, None, ctx.clock
-        self._pipe, self._split = ctx.pipe, False
-        self._stats = _Stats()
-        ctx.clock.add_listener(self.hook_name, self._on_tick)
-        ctx.clock.add_listener(self.hook_name, self._after_call, after=True)
-
     def _after_call(self, clock):
         """After a full call replayed from CUDA graphs: what is kept for the next calls is copied out of the graph's
         memory pool, which the next replay of that graph overwrites (what torch's CUDA-graph trees ask of tensors
@@ -336,6 +343,7 @@ class FeatureCache(Transform):
     def stats(self) -> dict:
         """Full and cached UNet calls since apply, in all and per pipeline call."""
         return self._stats.as_dict()
+
 
 
 class _Stats:

@@ -12,7 +12,7 @@ import torch
 
 from .. import hooks
 from ..errors import IrreversibleError, TransformConflictError, UnsupportedModelError
-from .base import Context, Transform
+from .base import Applied, Context, Transform
 from .recipe import Recipe
 
 # The handles active on each UNet: a second transform of a type already applied is refused.
@@ -26,7 +26,8 @@ class Handle:
         self.unet, self._pipe = unet, (weakref.ref(pipe) if pipe is not None else None)
         self.transforms, self.recipe_name, self.calibration = transforms, recipe_name, calibration
         self.clock = None
-        self._attached: list[Transform] = []
+        self._attached: list[Applied] = []  # the run-time half of each transform attached, in attach order
+        self._made: list[Applied] = []      # the same, kept after remove() for stats() and applied()
         self.active = False
 
     @property
@@ -41,13 +42,17 @@ class Handle:
         self._counts_at_attach = (self.clock.unet_calls, self.clock.pipeline_calls)
         try:
             for t in self.transforms:
-                t.attach(self._ctx())
-                self._attached.append(t)
+                applied = t.attach(self._ctx())
+                if not isinstance(applied, Applied):
+                    raise TypeError(f"{type(t).__name__}.attach must return what it attached (an "
+                                    f"accel.transforms.base.Applied), got {type(applied).__name__}")
+                self._attached.append(applied)
+                self._made = list(self._attached)
         except Exception:
             self.remove()
             raise
-        for t in self._attached:
-            t.attached(self._ctx())
+        for a in self._attached:
+            a.attached(self._ctx())
         self.active = True
         _active.setdefault(self.unet, []).append(self)
 
@@ -60,13 +65,22 @@ class Handle:
         if hasattr(self.unet, "_diffusers_hook"):
             HookRegistry.check_if_exists_or_initialize(self.unet).reset_stateful_hooks(recurse=True)
 
+    def applied(self, kind) -> Applied:
+        """The run-time state of the transform ``kind`` (its class or its name, e.g. ``ScaleLong``) on this UNet:
+        what it keeps while attached (``handle.applied(ScaleLong).norms``, ``.modules()``)."""
+        name = kind if isinstance(kind, str) else kind.__name__
+        for a in self._made:
+            if type(a.transform).__name__ == name:
+                return a
+        raise KeyError(f"no {name} attached through this handle (it holds {[type(t).__name__ for t in self.transforms]})")
+
     def stats(self) -> dict:
         """What the transforms spent since ``apply``: UNet calls in all, full (the whole UNet ran) and cached,
         per pipeline call too (``full_per_pipeline_call``: the mean budget actually spent, the one axis on which
         fixed and adaptive cache schedules compare)."""
-        for t in self.transforms:
-            if hasattr(t, "stats"):
-                return t.stats()
+        for a in self._made:
+            if hasattr(type(a), "stats"):
+                return a.stats()
         if self.clock is None:
             raise RuntimeError("stats() of a removed handle: read them before remove()")
         n = self.clock.unet_calls - self._counts_at_attach[0]
@@ -77,12 +91,12 @@ class Handle:
     def remove(self):
         """Detach every transform; the model behaves (and is structured) exactly as before ``apply``. Refused,
         before anything is undone, when a transform did not keep what undoing it needs."""
-        for t in self._attached:
-            reason = t.cannot_remove()
+        for a in self._attached:
+            reason = a.cannot_remove()
             if reason:
                 raise IrreversibleError(reason)
-        for t in reversed(self._attached):
-            t.detach(self._ctx())
+        for a in reversed(self._attached):
+            a.detach(self._ctx())
         self._attached = []
         if self.clock is not None:
             self.clock.remove_listener(_check_key(self))
@@ -149,18 +163,11 @@ def attach(unet, pipe, transforms: list[Transform], recipe_name: str | None = No
     :func:`check` (``checked=True``: the caller ran it). When an ``attach`` fails, those before it are undone."""
     if not checked:
         check(unet, pipe, transforms)
-    # A transform object keeps the run-time state of the one model it is attached to (its hooks, cached features,
-    # quantized layers). One already attached through another handle gets a fresh copy of its configuration here
-    # (Transform.replace), so one config applies to several pipelines and each handle undoes exactly its own.
-    transforms = [t.replace() if _in_use(t) else t for t in transforms]
+    # the configs stay as they are (what is kept for this model lives in the handle's Applied objects), so one
+    # config applies to several pipelines at once and each handle undoes exactly its own
     handle = Handle(unet, pipe, sorted(transforms, key=lambda t: t.order), recipe_name, calibration)
     handle._attach()
     return handle
-
-
-def _in_use(transform: Transform) -> bool:
-    """Whether ``transform`` (this very object) is attached through an active handle."""
-    return any(t is transform for handles in list(_active.values()) for h in handles for t in h._attached)
 
 
 def _check_key(handle) -> str:

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import ModelHook
 
 from ..hooks import attach, detach_all
 from ..unet import feature_of
-from .base import Context, Transform, register
+from .base import Applied, Context, Transform, register
 from ..errors import CalibrationError, InputError
 
 GRANULARITIES = {
@@ -61,7 +61,7 @@ def _map(out, fn, other=None):
 class _InheritHook(ModelHook):
     _is_stateful = True
 
-    def __init__(self, owner: "Inherit", path: str):
+    def __init__(self, owner: "_Inherited", path: str):
         super().__init__()
         self.owner, self.path, self.kept, self.template = owner, path, None, None
 
@@ -112,7 +112,6 @@ class Inherit(Transform):
     residual: bool = False
     order = 70
     requires_pipeline = True
-    _hooks: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -138,7 +137,41 @@ class Inherit(Transform):
                 raise InputError("window must be (start, end) with 0 <= start < end")
         if self.steps is not None:
             self.steps = sorted({int(s) for s in self.steps})
-        self._inherit, self._shape, self._calib, self._runs, self._schedules = False, None, None, None, {}
+
+    def matched(self, unet) -> dict[str, torch.nn.Module]:
+        cands = candidates(unet, self.granularity)
+        hit = {p: m for p, m in cands.items() if any(fnmatch.fnmatch(p, t) for t in self.targets)}
+        if not hit:
+            examples = ", ".join(list(cands)[:4])
+            raise InputError(f"Inherit targets {self.targets} match no {self.granularity}-level module of this UNet "
+                             f"(e.g. {examples})")
+        return hit
+
+    def attach(self, ctx: Context) -> "_Inherited":
+        if self.schedule == "calibrated" and ctx.calibration is None:
+            raise CalibrationError("Inherit(schedule='calibrated') needs a calibration: run `accel calibrate` with "
+                                   "this recipe and pass calibration=DIR")
+        return _Inherited(self, ctx)
+
+
+class _Inherited(Applied):
+    """An :class:`Inherit` on one UNet: its hooks and the calls at which the targets run."""
+
+    def __init__(self, transform: Inherit, ctx: Context):
+        super().__init__(transform)
+        self._calib = ctx.calibration if self.schedule == "calibrated" else None
+        self._hooks = {}
+        self._inherit, self._shape, self._runs, self._schedules = False, None, None, {}
+        try:
+            for path, m in self.matched(ctx.unet).items():
+                attach(m, _InheritHook(self, path), self.hook_name, root=ctx.unet)
+                self._hooks[path] = m
+            if self._calib is not None:
+                self._calib.inherit_schedule(list(self._hooks), None, self.residual, self.budget)  # fail early
+        except Exception:
+            self.detach(ctx)
+            raise
+        ctx.clock.add_listener(self.hook_name, self._on_tick)
 
     def inherits_at(self, step: int) -> bool:
         if step == 0:
@@ -167,30 +200,6 @@ class Inherit(Transform):
         self._inherit = self.inherits_at(clock.step) and clock.batch_shape == self._shape
         if clock.batch_shape != self._shape:
             self._shape = clock.batch_shape
-
-    def matched(self, unet) -> dict[str, torch.nn.Module]:
-        cands = candidates(unet, self.granularity)
-        hit = {p: m for p, m in cands.items() if any(fnmatch.fnmatch(p, t) for t in self.targets)}
-        if not hit:
-            examples = ", ".join(list(cands)[:4])
-            raise InputError(f"Inherit targets {self.targets} match no {self.granularity}-level module of this UNet "
-                             f"(e.g. {examples})")
-        return hit
-
-    def attach(self, ctx: Context) -> None:
-        if self.schedule == "calibrated":
-            if ctx.calibration is None:
-                raise CalibrationError("Inherit(schedule='calibrated') needs a calibration: run `accel calibrate` with "
-                                 "this recipe and pass calibration=DIR")
-            self._calib = ctx.calibration
-        self._hooks = {}
-        for path, m in self.matched(ctx.unet).items():
-            attach(m, _InheritHook(self, path), self.hook_name, root=ctx.unet)
-            self._hooks[path] = m
-        self._inherit, self._shape, self._runs, self._schedules = False, None, None, {}
-        if self._calib is not None:
-            self._calib.inherit_schedule(list(self._hooks), None, self.residual, self.budget)  # fail early
-        ctx.clock.add_listener(self.hook_name, self._on_tick)
 
     def detach(self, ctx: Context) -> None:
         detach_all(self._hooks.values(), self.hook_name, ctx.unet, ctx.clock)

@@ -22,7 +22,8 @@ class _QBase(nn.Module):
     reads (channels_last for convs), the dequantized weight sums the activation shift adds back (``weight_sum``
     per output channel and, for a padded conv, ``weight_tap`` per tap: the border term), the per-call
     ``(scale, shift)`` tables and the DEC tables. The call's row is picked on the device by the owner's step
-    tensor: a static call does no host sync, no host-to-device copy and recomputes nothing."""
+    tensor: a static call does no host sync, no host-to-device copy and recomputes nothing. ``owner`` is the
+    :class:`accel.transforms.quantize.QuantizedLayers` the layer belongs to (its config, mode and step tensor)."""
 
     def __init__(self, owner, path: str, weight: torch.Tensor, bias: torch.Tensor | None,
                  split: int | None):

@@ -54,7 +54,7 @@ import torch.nn as nn
 from .. import adapters
 from ..kernels import fp8
 from ..errors import AccelWarning, CalibrationError, IrreversibleError
-from .base import Context, Transform, register
+from .base import Applied, Context, Transform, register
 # The layers and quantizers are importable from here too (their public home before the split).
 from .qlayers import (QConv1x1FP8, QConv2d, QLinear, QLinearFP8, _QBase, _move_tensors, _weight_sums,  # noqa: F401
                       device_bytes, weight_bytes)
@@ -126,10 +126,6 @@ class Quantize(Transform):
     keep_float: bool = True
     select: str = "all"
     order = 10
-    _originals: dict = field(default_factory=dict, init=False, repr=False)
-    _modules: dict = field(default_factory=dict, init=False, repr=False)
-    _wrappers: dict = field(default_factory=dict, init=False, repr=False)  # path -> peft wrapper around the layer
-    _merged: dict = field(default_factory=dict, init=False, repr=False)    # path -> adapters fused when quantized
 
     def __post_init__(self):
         if (self.weights, self.activations) != (8, 8):
@@ -153,10 +149,6 @@ class Quantize(Transform):
         if self.select not in ("all", "speed"):
             raise ValueError(f"select must be 'all' or 'speed' (only the layers measured faster quantized), not "
                              f"{self.select!r}")
-        self._dropped = False  # keep_float=False: the float layers are gone
-        self._step, self._mode = -1, self.mode
-        self._step_t = torch.zeros(1, dtype=torch.int32)  # the current UNet call, on the UNet's device
-        self._calls: int | None = None  # UNet calls the static tables cover
 
     def to_dict(self) -> dict:
         d = super().to_dict()
@@ -188,6 +180,29 @@ class Quantize(Transform):
                 continue
             out.append((path, m))
         return out
+
+    def attach(self, ctx: Context) -> "QuantizedLayers":
+        return QuantizedLayers(self, ctx)
+
+
+class QuantizedLayers(Applied):
+    """A :class:`Quantize` on one UNet: the quantized layers (``_modules``, by path) and the float layers they
+    replaced (``_originals``), the device step index the per-call tables are read at, the LoRA wrappers around
+    them. The quantized layers read their configuration from it (``owner``). ``QuantizedLayers(quant)`` without a
+    context is the owner of hand-made layers (tests and scripts that build a layer on its own)."""
+
+    def __init__(self, transform: Quantize, ctx: Context | None = None):
+        super().__init__(transform)
+        self._dropped = False  # keep_float=False: the float layers are gone
+        self._step, self._mode = -1, self.mode
+        self._step_t = torch.zeros(1, dtype=torch.int32)  # the current UNet call, on the UNet's device
+        self._calls: int | None = None  # UNet calls the static tables cover
+        self._originals, self._modules, self._bias0 = {}, {}, {}
+        self._wrappers, self._merged = {}, {}  # path -> peft wrapper around the layer / adapters fused when quantized
+        self._qcal = self._unet = None
+        self._guarded = {}  # adapter-loader methods wrapped on the UNet instance
+        if ctx is not None:
+            self._attach(ctx)
 
     def set_step(self, step: int) -> None:
         """Make the quantized layers read their per-call tables at UNet call ``step``: written into a device
@@ -235,7 +250,7 @@ class Quantize(Transform):
         self._bias0[path] = None if q.bias is None else q.bias.clone()
         return q
 
-    def attach(self, ctx: Context) -> None:
+    def _attach(self, ctx: Context) -> None:
         unet = ctx.unet
         qcal = None
         if ctx.calibration is not None and self.mode != "dynamic":
@@ -319,6 +334,10 @@ class Quantize(Transform):
         UNet was at ``apply``: ``unet.to(...)`` moves the quantized layers, not the float ones kept aside)."""
         for path in self._originals if paths is None else paths:
             _move_tensors(self._originals[path], self._modules[path].weight_q0.device)
+
+    def layer(self, path: str) -> "_QBase | None":
+        """The quantized layer of the UNet's layer at ``path`` (``None``: that layer stays in float)."""
+        return self._modules.get(path)
 
     def float_layer(self, path: str) -> nn.Module:
         """The float layer at ``path`` on the device its quantized layer runs on: the original itself if it is

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from diffusers.hooks import ModelHook
 from torch import nn
 
 from ..hooks import attach, detach_all
-from .base import Context, Transform, register
+from .base import Applied, Context, Transform, register
 from ..errors import InputError
 
 KINDS = ("cs", "ls", "sqrt2", "none")
@@ -74,7 +74,7 @@ def skip_layout(unet) -> list[tuple[int, list[int], list[int]]]:
 
 
 class _SkipScaleHook(ModelHook):
-    def __init__(self, owner: "ScaleLong", numbers: list[int], se: nn.ModuleList | None):
+    def __init__(self, owner: "_ScaledSkips", numbers: list[int], se: nn.ModuleList | None):
         super().__init__()
         self.owner, self.numbers, self.se = owner, numbers, se
 
@@ -109,7 +109,8 @@ class ScaleLong(Transform):
             (``2 ** -0.5``) or ``"none"`` (unscaled, for baselines).
         kappa: CS base; the paper's range is [0.5, 0.95] (with SD's 12 skips, kappa near 0.8-0.9).
         reduction: LS squeeze-excitation reduction.
-        record_norms: keep the skips' mean L2 norms (before scaling) of the last forward in ``norms``.
+        record_norms: keep the skips' mean L2 norms (before scaling) of the last forward in the handle's
+            ``applied(ScaleLong).norms``.
     """
 
     kind: str = "cs"
@@ -118,7 +119,6 @@ class ScaleLong(Transform):
     record_norms: bool = False
     order = 5  # structural (adds modules) and step-independent: first
     requires_pipeline = False
-    _blocks: list = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -127,8 +127,6 @@ class ScaleLong(Transform):
             raise InputError("kappa must be in (0, 1]")
         if int(self.reduction) < 1:
             raise InputError("reduction must be >= 1")
-        self.norms: dict[int, float] = {}
-        self._config = None
 
     def coefficient(self, i: int) -> float:
         """``s_i`` of the constant kinds (``i = 1`` the outermost skip)."""
@@ -140,42 +138,8 @@ class ScaleLong(Transform):
             return 1.0
         raise InputError("learnable scaling (ls) has per-sample coefficients: see the modules' outputs")
 
-    def modules(self) -> nn.ModuleList:
-        """The LS squeeze-excitation modules (empty for the constant kinds), outermost skip first."""
-        mods = []
-        for block in reversed(self._blocks):
-            se = getattr(block, MODULE_NAME, None)
-            if se is not None:
-                mods += list(reversed(list(se)))
-        return nn.ModuleList(mods)
-
-    def attach(self, ctx: Context) -> None:
-        unet = ctx.unet
-        layout = skip_layout(unet)
-        ref = next(unet.parameters())
-        self._blocks = []
-        for b, numbers, channels in layout:
-            block = unet.up_blocks[b]
-            se = None
-            if self.kind == "ls":
-                if hasattr(block, MODULE_NAME):
-                    raise InputError(f"up_blocks.{b} already has a '{MODULE_NAME}' submodule")
-                se = nn.ModuleList([SqueezeExcite(c, int(self.reduction)) for c in channels]).to(ref.device, ref.dtype)
-                block.add_module(MODULE_NAME, se)
-            attach(block, _SkipScaleHook(self, numbers, se), self.hook_name, root=unet)
-            self._blocks.append(block)
-        self._config = unet._internal_dict
-        unet.register_to_config(**{CONFIG_KEY: self.to_dict()})
-
-    def detach(self, ctx: Context) -> None:
-        detach_all(self._blocks, self.hook_name, ctx.unet)
-        for block in self._blocks:
-            if MODULE_NAME in block._modules:
-                del block._modules[MODULE_NAME]
-        self._blocks = []
-        if self._config is not None:
-            ctx.unet._internal_dict = self._config
-            self._config = None
+    def attach(self, ctx: Context) -> "_ScaledSkips":
+        return _ScaledSkips(self, ctx)
 
     @staticmethod
     def from_pretrained(path, subfolder: str | None = None, **kwargs):
@@ -212,3 +176,52 @@ class ScaleLong(Transform):
                                  f"(missing {sorted(own - set(state))[:3]}, unexpected {sorted(set(state) - own)[:3]})")
             unet.load_state_dict(state, strict=False)
         return unet, handle
+
+
+class _ScaledSkips(Applied):
+    """A :class:`ScaleLong` on one UNet: the hooked up blocks, their LS modules, the recorded skip norms."""
+
+    def __init__(self, transform: ScaleLong, ctx: Context):
+        super().__init__(transform)
+        self.norms: dict[int, float] = {}  # skip number -> mean L2 norm at the last forward (record_norms=True)
+        self._blocks, self._config = [], None
+        try:
+            self._attach(ctx.unet)
+        except Exception:
+            self.detach(ctx)
+            raise
+
+    def modules(self) -> nn.ModuleList:
+        """The LS squeeze-excitation modules (empty for the constant kinds), outermost skip first."""
+        mods = []
+        for block in reversed(self._blocks):
+            se = getattr(block, MODULE_NAME, None)
+            if se is not None:
+                mods += list(reversed(list(se)))
+        return nn.ModuleList(mods)
+
+    def _attach(self, unet) -> None:
+        layout = skip_layout(unet)
+        ref = next(unet.parameters())
+        for b, numbers, channels in layout:
+            block = unet.up_blocks[b]
+            se = None
+            if self.kind == "ls":
+                if hasattr(block, MODULE_NAME):
+                    raise InputError(f"up_blocks.{b} already has a '{MODULE_NAME}' submodule")
+                se = nn.ModuleList([SqueezeExcite(c, int(self.reduction)) for c in channels]).to(ref.device, ref.dtype)
+                block.add_module(MODULE_NAME, se)
+            attach(block, _SkipScaleHook(self, numbers, se), self.hook_name, root=unet)
+            self._blocks.append(block)
+        self._config = unet._internal_dict
+        unet.register_to_config(**{CONFIG_KEY: self.to_dict()})
+
+    def detach(self, ctx: Context) -> None:
+        detach_all(self._blocks, self.hook_name, ctx.unet)
+        for block in self._blocks:
+            if MODULE_NAME in block._modules:
+                del block._modules[MODULE_NAME]
+        self._blocks = []
+        if self._config is not None:
+            ctx.unet._internal_dict = self._config
+            self._config = None
