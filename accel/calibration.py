@@ -65,6 +65,12 @@ def refined_key(branch: int, budget: int, forecast: str | None = None) -> str:
     return cache_key(branch, f"refined.{refined_name(budget, forecast)}")
 
 
+def dscale_key(branch: int, budget: int, forecast: str | None) -> str:
+    """Where a calibration keeps the guidance-difference norm model ``W`` (calls, C, 3) fit for the schedule it serves
+    for ``budget`` full calls with this forecast (:func:`refined_key`'s, or the DP's when it was not refined)."""
+    return cache_key(branch, f"dscale.{refined_name(budget, forecast)}")
+
+
 def is_calibration_folder(path: Path) -> bool:
     """A folder holding only what :meth:`Calibration.save` writes, with an ``accel.json`` of this format."""
     try:
@@ -142,6 +148,20 @@ class CacheCalibration:
     def refined_budgets(self, forecast: str | None = None) -> list[int]:
         pre = cache_key(self.branch, "refined.") + ("" if forecast is None else f"{forecast}.")
         return sorted(int(k[len(pre):]) for k in self.calib.tensors if k.startswith(pre) and k[len(pre):].isdigit())
+
+    def dscale(self, budget: int | None = None, forecast: str | None = None) -> torch.Tensor:
+        """The guidance-difference norm model ``W`` (UNet calls, channels, 3; float32; rows of full calls 0) fit for
+        :meth:`full_calls` at ``budget`` with this ``-cfg`` forecast (:mod:`accel.transforms.forecast`)."""
+        k = self._budget(budget)
+        w = self.calib.tensors.get(dscale_key(self.branch, k, forecast))
+        if w is None:
+            pre = cache_key(self.branch, "dscale.")
+            have = sorted(key[len(pre):] for key in self.calib.tensors if key.startswith(pre))
+            raise CalibrationError(
+                f"the calibration has no guidance-difference model for budget {k} with forecast={forecast} (it has: "
+                f"{', '.join(have) or 'none'}); calibrate with a recipe holding FeatureCache(schedule='calibrated', "
+                f"forecast={forecast!r}, difference='calibrated') and --budget {k}")
+        return w.float()
 
     def _budget(self, budget: int | None) -> int:
         k = budget if budget is not None else self.budget

@@ -4,7 +4,8 @@ For each sampler setting (50-step PNDM, 25-step DPM-Solver++ multistep, 30-step 
 
 1. Calibrations on the *train* prompts (``accel calibrate``'s defaults: 8 prompts, the refinement and the
    adaptive threshold on the first ``refine_prompts`` of them): CacheQuant's DP, the DP refined with plain
-   reuse, with the ``taylor1`` forecast and with ``taylor1-cfg`` (recipe cache-forecast-cfg), and the adaptive schedule's threshold with and without the
+   reuse, with the ``taylor1`` forecast and with ``taylor1-cfg`` (recipe cache-forecast-cfg; with the guidance-difference
+   model fit for it, recipe cache-forecast-cfg-d), and the adaptive schedule's threshold with and without the
    forecast, for the budgets of DeepCache's uniform schedule at the intervals asked for.
 2. Every mode run on *held-out* prompts and seeds (never calibrated on), compared with the uncached images of
    the same seeds: full calls actually spent (``Handle.stats()``: adaptive modes decide per call and per batch),
@@ -87,7 +88,7 @@ def _merge(calibs):
     meta = dict(calibs[0].meta, cache=dict(calibs[0].meta["cache"]))
     tensors = dict(calibs[0].tensors)
     for c in calibs[1:]:
-        tensors.update({k: v for k, v in c.tensors.items() if ".refined." in k})
+        tensors.update({k: v for k, v in c.tensors.items() if ".refined." in k or ".dscale." in k})
         meta["cache"]["refined"] = {**meta["cache"].get("refined", {}), **c.meta["cache"].get("refined", {})}
         meta["cache"]["adaptive"] = meta["cache"].get("adaptive", []) + c.meta["cache"].get("adaptive", [])
     return Calibration(meta, tensors)
@@ -109,6 +110,8 @@ def modes(k: int, interval: int):
             ("refined + taylor1 + DEC-mean", FC(schedule="calibrated", budget=k, forecast="taylor1", correction="dec-mean")),
             ("refined + taylor1 + skill", FC(schedule="calibrated", budget=k, **skill)),
             ("refined + taylor1-cfg", FC(schedule="calibrated", budget=k, forecast="taylor1-cfg")),
+            ("refined + taylor1-cfg + difference", FC(schedule="calibrated", budget=k, forecast="taylor1-cfg",
+                                                      difference="calibrated")),
             ("adaptive", FC(schedule="adaptive", budget=k)),
             ("adaptive + taylor1", FC(schedule="adaptive", budget=k, forecast="taylor1")),
             ("adaptive + taylor1 + skill", FC(schedule="adaptive", budget=k, **skill))]
@@ -116,17 +119,19 @@ def modes(k: int, interval: int):
 
 def calibrations():
     """The caches ``measure`` calibrates (one ``accel calibrate`` each, merged): a refined schedule and an adaptive
-    threshold for reuse, taylor1 and taylor1 + skill, and a refined schedule for taylor1-cfg (recipe
-    cache-forecast-cfg). Every calibrated mode of :func:`modes` reads what one of them found."""
+    threshold for reuse, taylor1 and taylor1 + skill, and a refined schedule for taylor1-cfg with its guidance-difference
+    model (recipe cache-forecast-cfg-d: the schedule is refined without the model, so 'refined + taylor1-cfg' reads the
+    same one). Every calibrated mode of :func:`modes` reads what one of them found."""
     from accel import FeatureCache as FC
 
     out = [FC(schedule=s, **f) for s in ("calibrated", "adaptive")
            for f in ({}, dict(forecast="taylor1"), dict(forecast="taylor1", trust="skill"))]
-    return out + [FC(schedule="calibrated", forecast="taylor1-cfg")]
+    return out + [FC(schedule="calibrated", forecast="taylor1-cfg", difference="calibrated")]
 
 
 CALIBRATED = ("DP (CacheQuant)", "refined DP", "refined + taylor1", "refined + taylor1 + DEC-mean",
-              "refined + taylor1 + skill", "refined + taylor1-cfg", "adaptive", "adaptive + taylor1", "adaptive + taylor1 + skill")
+              "refined + taylor1 + skill", "refined + taylor1-cfg", "refined + taylor1-cfg + difference", "adaptive",
+              "adaptive + taylor1", "adaptive + taylor1 + skill")
 
 
 def _generate(pipe, prompts, steps, guidance, seed, batch_size=8):
@@ -153,16 +158,13 @@ def measure(scheduler: str, steps: int, num_prompts: int = 32, seed: int = 0, in
 
     import accel
     from accel import miniature
-    from accel.calibrate import DEFAULT_PROMPTS, calibrate
-    from accel.eval import CLIPScorer, psnr, ssim
-    from accel.eval.judge import flips
-    from accel.miniature import GUIDANCE, parse_caption
+    from accel.calibrate import DEFAULT_PROMPTS, calibrate, unet_calls
+    from accel.eval import CLIPScorer
+    from accel.miniature import GUIDANCE
 
     scorer = scorer or CLIPScorer("miniature")
     pipe = pipeline(scheduler)
-    s = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    s.set_timesteps(steps)
-    n = len(s.timesteps)
+    n = unet_calls(pipe, steps)
     budgets = [len(range(0, n, i)) for i in intervals]
     ref_budgets = [len(range(0, n, i)) for i in REFERENCE_ONLY]
     t0 = time.time()
@@ -174,24 +176,37 @@ def measure(scheduler: str, steps: int, num_prompts: int = 32, seed: int = 0, in
     out = Curves(scheduler, steps, n, num_prompts, calibration_s=time.time() - t0, budgets=budgets)
     held = miniature.prompts(num_prompts, seed=seed)
     fit = miniature.prompts(DEFAULT_PROMPTS, seed=0, split="train")[:refine_prompts]  # what calibrate refined on
-    attrs = [parse_caption(p) for p in held]
     base, fit_base = _generate(pipe, held, steps, GUIDANCE, seed), _generate(pipe, fit, steps, GUIDANCE, 0)
     jobs = [(i, k, name, t) for i, k in zip(list(REFERENCE_ONLY) + list(intervals), ref_budgets + budgets)
             for name, t in modes(k, i)]
     for i, k, name, t in tqdm(jobs, desc=f"modes {scheduler}", disable=not progress):
-        handle = accel.apply(pipe, t, calibration=calib)
-        try:
-            images = _generate(pipe, held, steps, GUIDANCE, seed)
-            spent = handle.stats()["full_per_pipeline_call"]
-            fit_psnr = None
-            if name in CALIBRATED:
-                fit_psnr = psnr(_generate(pipe, fit, steps, GUIDANCE, 0), fit_base).clamp(max=99).mean().item()
-        finally:
-            handle.remove()
-        out.points.append(Point(name, i, spent, psnr(images, base).clamp(max=99).tolist(),
-                                ssim(images, base).mean().item(), statistics.fmean(flips(scorer, images, base, attrs)),
-                                fit_psnr))
+        out.points.append(point(pipe, name, i, t, calib, held, base, steps, seed, scorer,
+                                fit=(fit, fit_base) if name in CALIBRATED else None))
     return out
+
+
+def point(pipe, name: str, interval: int, transform, calib, held: list[str], base: torch.Tensor, steps: int, seed: int,
+          scorer, fit: tuple[list[str], torch.Tensor] | None = None) -> Point:
+    """One mode run on the held-out prompts ``held`` (image i with seed ``seed + i``) against the uncached images
+    ``base``: full calls spent, PSNR per image, SSIM, flip rate; with ``fit`` (prompts, their uncached images, seeds
+    0..), the PSNR on those too."""
+    import accel
+    from accel.eval import psnr, ssim
+    from accel.eval.judge import flips
+    from accel.miniature import GUIDANCE, parse_caption
+
+    handle = accel.apply(pipe, transform, calibration=calib)
+    try:
+        images = _generate(pipe, held, steps, GUIDANCE, seed)
+        spent = handle.stats()["full_per_pipeline_call"]
+        fit_psnr = None
+        if fit is not None:
+            fit_psnr = psnr(_generate(pipe, fit[0], steps, GUIDANCE, 0), fit[1]).clamp(max=99).mean().item()
+    finally:
+        handle.remove()
+    attrs = [parse_caption(p) for p in held]
+    return Point(name, interval, spent, psnr(images, base).clamp(max=99).tolist(), ssim(images, base).mean().item(),
+                 statistics.fmean(flips(scorer, images, base, attrs)), fit_psnr)
 
 
 # ----------------------------------------------------------------------------------- analysis
@@ -243,7 +258,7 @@ def markdown(c: Curves) -> str:
     s = summary(c)
     lines = [f"### {c.scheduler}, {c.steps} steps ({c.calls} UNet calls), {c.prompts} held-out prompts\n",
              f"Calibrations (DP statistics; schedules refined and adaptive thresholds found for reuse, taylor1 and "
-             f"taylor1 + skill, schedules refined for taylor1-cfg; {len(c.budgets)} budgets: {c.budgets}): {c.calibration_s:.0f} s.\n",
+             f"taylor1 + skill, schedules refined for taylor1-cfg and its guidance-difference model fit; {len(c.budgets)} budgets: {c.budgets}): {c.calibration_s:.0f} s.\n",
              "| asked (uniform interval) | mode | full calls spent | PSNR mean | PSNR median | SSIM | flipped | fit PSNR "
              "| iso-fidelity ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for i in sorted({p.interval for p in c.points}):

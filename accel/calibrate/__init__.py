@@ -18,20 +18,23 @@ import torch
 
 from .. import __version__, adapters, schedules
 from ..errors import InputError
-from ..calibration import Calibration, cache_key, inherit_key, quant_layers, refined_key, refined_name
+from ..calibration import Calibration, cache_key, dscale_key, inherit_key, quant_layers, refined_key, refined_name
 from ..recipe import load as load_recipe
 from ..transforms.cache import FeatureCache
 from ..transforms.dec import Moments, coefficients
 from ..transforms.inherit import Inherit
 from ..unet import cached_units, resolve
-from .collect import (INHERIT_ELEMENTS, REC_HOOK, _batch_stats, _dist_stats, _static, collect_features,  # noqa: F401
-                      collect_quant_dec, collect_scales)
+from .collect import (INHERIT_ELEMENTS, REC_HOOK, _batch_stats, _dist_stats, _static, collect_difference,  # noqa: F401
+                      collect_features, collect_quant_dec, collect_scales)
 from .search import calibrate_threshold, refine_schedule
 
 DEFAULT_BUDGET = 10  # full UNet calls per pipeline call when no budget is given
 DEFAULT_PROMPTS = 8  # calibration prompts (the miniature's train stream) when none are given
 REFINE_PROMPTS = 8  # of them, the ones a cache's schedule (or adaptive threshold) is refined on, by default: on 4 the
 # refinement overfits (held-out fidelity 1-4 dB below the fit prompts'; docs/CACHE_BENCHMARKS.md's fit column)
+DIFFERENCE_PROMPTS = 64  # of them, the ones a guidance-difference model (FeatureCache(difference='calibrated')) is fit
+# on, by default; the default prompt list grows to this many for such a recipe (issue #25: 3 coefficients per channel
+# and cached call, fit on 128 prompts in the lab probe)
 
 
 def unet_calls(pipe, steps: int) -> int:
@@ -61,6 +64,27 @@ def refines_cache(recipe, refine: bool = True) -> bool:
     r = recipe if hasattr(recipe, "transforms") else load_recipe(recipe)  # checked by the caller (check_recipe)
     caches = [t for t in r.transforms if isinstance(t, FeatureCache)]
     return bool(caches) and (refine or caches[0].schedule == "adaptive")
+
+
+def fits_difference(recipe) -> bool:
+    """Whether calibrating ``recipe`` fits a guidance-difference model (a ``FeatureCache(difference='calibrated')``)."""
+    r = recipe if hasattr(recipe, "transforms") else load_recipe(recipe)
+    return any(isinstance(t, FeatureCache) and t.difference is not None for t in r.transforms)
+
+
+def default_prompt_count(recipe, difference_prompts: int | None = None) -> int:
+    """How many calibration prompts to draw when none are given: :data:`DEFAULT_PROMPTS`, or as many as the
+    guidance-difference fit runs."""
+    if not fits_difference(recipe):
+        return DEFAULT_PROMPTS
+    return max(DEFAULT_PROMPTS, difference_prompts if difference_prompts is not None else DIFFERENCE_PROMPTS)
+
+
+def check_difference_prompts(difference_prompts: int | None, n_prompts: int) -> None:
+    """More guidance-difference prompts than calibration prompts would silently fit on fewer than asked for."""
+    if difference_prompts is not None and difference_prompts > n_prompts:
+        raise InputError(f"--difference-prompts {difference_prompts} is more than the {n_prompts} calibration prompts: "
+                         f"give at least {difference_prompts} prompts (--num-prompts) or --difference-prompts {n_prompts}")
 
 
 def check_refine_prompts(refine_prompts: int | None, n_prompts: int) -> None:
@@ -114,7 +138,8 @@ def _check_inputs(pipe, prompts, steps, budget, guidance, batch_size, refine_pro
 def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, steps: int = 50,
               budget: int | list[int] | None = None, seed: int = 0, guidance: float = 7.5, batch_size: int = 4,
               constrained: bool = True, prompt_source: str = "miniature grammar (train stream)", progress: bool = True,
-              refine: bool = True, refine_prompts: int | None = None, refine_evals: int = 60) -> Calibration:
+              refine: bool = True, refine_prompts: int | None = None, refine_evals: int = 60,
+              difference_prompts: int | None = None) -> Calibration:
     """Calibrate ``pipe`` for ``recipe`` and return the :class:`Calibration` (``.save(DIR)`` writes it).
 
     ``budget``: full UNet calls per pipeline call, or a list of them (the first is the default budget of the
@@ -124,7 +149,12 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
     were given is an error) (at most ``refine_evals`` pipeline runs per start); other budgets
     asked for later get the DP schedule alone. With a ``Quantize`` too, its activation scales are measured first and
     the schedule (or the adaptive threshold) is fit with the quantized model running: on the miniature a forecast
-    schedule refined without it lost 1.8 dB once quantized (docs/BENCHMARKS.md)."""
+    schedule refined without it lost 1.8 dB once quantized (docs/BENCHMARKS.md).
+
+    With ``FeatureCache(difference="calibrated")`` (a ``-cfg`` forecast), the guidance-difference norm model is fit for
+    each budget's final schedule on the first ``difference_prompts`` prompts (default :data:`DIFFERENCE_PROMPTS`, or
+    all when fewer are given; when ``prompts`` is None, that many train prompts are drawn): closed-loop records of the
+    cache running (:func:`accel.calibrate.collect.collect_difference`); it needs guidance (``guidance > 1``)."""
     import diffusers
 
     from accel import miniature
@@ -136,7 +166,17 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
     caches = [t for t in r.transforms if isinstance(t, FeatureCache)]
     quants = [t for t in r.transforms if isinstance(t, Quantize)]
     inherits = [t for t in r.transforms if isinstance(t, Inherit) and t.schedule == "calibrated"]
-    prompts = prompts if prompts is not None else miniature.prompts(DEFAULT_PROMPTS, seed=seed, split="train")
+    difference = fits_difference(r)
+    if difference_prompts is not None and difference_prompts < 1:
+        raise InputError(f"--difference-prompts must be >= 1, got {difference_prompts}")
+    if difference and not guidance > 1:
+        raise InputError(f"FeatureCache(difference='calibrated') models the classifier-free guidance difference: "
+                         f"calibrate with guidance > 1 (got {guidance})")
+    prompts = prompts if prompts is not None else \
+        miniature.prompts(default_prompt_count(r, difference_prompts), seed=seed, split="train")
+    if difference:
+        check_difference_prompts(difference_prompts, len(prompts))
+        difference_prompts = min(DIFFERENCE_PROMPTS, len(prompts)) if difference_prompts is None else difference_prompts
     unet, pipe = resolve(pipe)
     if pipe is None:
         raise InputError("calibration needs the pipeline (it runs it), not a bare UNet")
@@ -206,6 +246,15 @@ def calibrate(pipe, recipe="cachequant-dp", prompts: list[str] | None = None, st
             smaller = (r["schedule"], r["error_db"])
             tensors[refined_key(branch, k, cache.prediction)] = torch.tensor(r.pop("schedule"), dtype=torch.int64)
             meta["cache"]["refined"][refined_name(k, cache.prediction)] = r
+    if difference:  # the guidance-difference model of each schedule this calibration serves, before the DEC needs it
+        meta["cache"]["difference"] = {"prompts": difference_prompts, "budgets": sorted(set(budgets))}
+        t1 = time.time()
+        for k in sorted(set(budgets)):
+            calib = Calibration(meta, tensors)
+            tensors[dscale_key(branch, k, cache.prediction)] = collect_difference(
+                pipe, cache, calib, calib.cache(branch, k).full_calls(n, k, cache.prediction), prompts[:difference_prompts],
+                steps, seed, guidance, batch_size, progress, quant=quant)
+        meta["cache"]["difference"]["seconds"] = round(time.time() - t1, 2)
     full = Calibration(meta, tensors).cache(branch, budget).full_calls(n, budget, cache.prediction if cache else None)
     a, b = coefficients(m, full)
     tensors.update({cache_key(branch, "schedule"): torch.tensor(full, dtype=torch.int64), cache_key(branch, "dec_a"): a,

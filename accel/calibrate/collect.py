@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .. import hooks
 from ..calibration import Calibration, quant_key
-from ..unet import feature_of, resolve
+from ..unet import cached_units, feature_of, resolve
 
 REC_HOOK = "accel.calibrate"
 INHERIT_ELEMENTS = 16384  # elements per feature kept (a fixed random subset) for inheritance distances
@@ -82,18 +82,42 @@ def _run_batches(pipe, prompts, steps, seed, guidance, batches, which, desc, pro
         yield bi, lat
 
 
+def _shared_batches(n: int, batch_size: int):
+    """``(batches, the indices of those this process runs, process state)``: under ``accelerate launch`` the batches
+    are shared out as in ``accel eval``."""
+    from ..dist import state as dist_state
+
+    state = dist_state()
+    batches = _batches(n, batch_size)
+    return batches, list(range(len(batches)))[state.process_index::state.num_processes], state
+
+
+def _sum_in_batch_order(partials: dict) -> dict:
+    """``{batch: {key: {stat: partial sum}}}`` of every process gathered and added in global batch order (the same
+    sums whatever the process count)."""
+    from ..dist import gather, state as dist_state
+
+    if dist_state().num_processes > 1:
+        partials = dict(gather([(bi, p) for bi, p in partials.items()]))
+    totals = {}
+    for bi in sorted(partials):
+        for key, p in partials[bi].items():
+            t = totals.get(key)
+            totals[key] = {k: v.clone() if torch.is_tensor(v) else v for k, v in p.items()} if t is None else \
+                {k: t[k] + p[k] for k in p}
+    return totals
+
+
 def collect_features(pipe, modules: dict, prompts: list[str], steps: int, seed: int = 0, guidance: float = 7.5,
                      batch_size: int = 4, progress: bool = True) -> tuple[dict, int]:
     """Run the unaccelerated pipeline on ``prompts`` (image i with seed ``seed + i``), recording at every UNet
     call the output of each ``modules[key] = (module, residual, keep, stat_fn)``; returns ``({key: summed
     statistics}, UNet calls per pipeline call)``. Each batch's features are reduced by ``stat_fn`` and freed;
     under ``accelerate launch`` batches are shared out and the partial sums added in global batch order."""
-    from ..dist import gather, state as dist_state
+    from ..dist import gather
 
     unet, pipe = resolve(pipe)
-    state = dist_state()
-    batches = _batches(len(prompts), batch_size)
-    mine = list(range(len(batches)))[state.process_index::state.num_processes]
+    batches, mine, state = _shared_batches(len(prompts), batch_size)
     sinks = {key: [] for key in modules}
     for key, (m, residual, keep, _) in modules.items():
         hooks.attach(m, _Recorder(sinks[key], residual, keep), REC_HOOK, root=unet)
@@ -111,15 +135,8 @@ def collect_features(pipe, modules: dict, prompts: list[str], steps: int, seed: 
     finally:
         hooks.detach_all([m for m, *_ in modules.values()], REC_HOOK, unet)
     if state.num_processes > 1:
-        partials = dict(gather([(bi, p) for bi, p in partials.items()]))
         n_calls = next(n for n in gather([n_calls]) if n is not None)
-    totals = {}
-    for bi in sorted(partials):  # global batch order: the same sums whatever the process count
-        for key, p in partials[bi].items():
-            t = totals.get(key)
-            totals[key] = {k: v.clone() if torch.is_tensor(v) else v for k, v in p.items()} if t is None else \
-                {k: t[k] + p[k] for k in p}
-    return totals, n_calls
+    return _sum_in_batch_order(partials), n_calls
 
 
 class _ActRecorder(ModelHook):
@@ -268,3 +285,93 @@ def _consumers(unet, branch: int) -> list[str]:
     res = unet.up_blocks[ub].resnets[k]
     names = ["conv1"] + (["conv_shortcut"] if getattr(res, "conv_shortcut", None) is not None else [])
     return [f"up_blocks.{ub}.resnets.{k}.{n}" for n in names]
+
+
+# ----------------------------------------------------------------------------------- the guidance-difference model
+RIDGE = 1e-3  # ridge penalty on the slopes of the norm model (per sample, on the mean normal equations)
+
+
+class _InputRecorder(ModelHook):
+    """Keeps a detached copy of the UNet's inputs at every call, to replay them on the model without the cache."""
+
+    def __init__(self, sink: list):
+        super().__init__()
+        self.sink = sink
+
+    def pre_forward(self, module, *args, **kwargs):
+        from torch.utils._pytree import tree_map
+
+        self.sink.append(tree_map(lambda t: t.detach().clone() if torch.is_tensor(t) else t, (args, kwargs)))
+        return args, kwargs
+
+
+def _difference_stats(F: list[torch.Tensor], full: list[int]) -> dict:
+    """Partial sums of the norm model's normal equations, per cached call and channel, from the true deep features
+    ``F`` (one per call, ``(2B, C, ...)``) of one closed-loop batch: ``xx`` (N, C, 3, 3), ``xy`` (N, C, 3), ``count``."""
+    from ..transforms import forecast
+
+    n, c, r = len(F), F[0].shape[1], forecast.DIFFERENCE_REGRESSORS
+    xx, xy = torch.zeros(n, c, r, r, dtype=torch.float64), torch.zeros(n, c, r, dtype=torch.float64)
+    for t in range(n):
+        if t in full:
+            continue
+        j, p = (forecast.sources(full, t, 1) + [None])[:2]
+        _, x = forecast.difference_regressors(F[j], F[p] if p is not None else None)
+        y = forecast.log_norms(forecast.guidance_difference(F[t])) - x[..., 2]  # log(|D_true_t| / |D_j|)
+        x, y = x.double(), y.double()
+        xx[t], xy[t] = torch.einsum("bci,bcj->cij", x, x), torch.einsum("bci,bc->ci", x, y)
+    return {"xx": xx, "xy": xy, "count": F[0].shape[0] // 2}
+
+
+def fit_difference(stats: dict, ridge: float = RIDGE) -> torch.Tensor:
+    """``W`` (N, C, 3) float32 of the norm model: per cached call and channel the ridge solution of
+    ``(XX / n + ridge diag(0, 1, 1)) w = XY / n`` (the intercept unpenalised); rows of full calls (no records) 0."""
+    n = max(stats["count"], 1)
+    pen = torch.diag(torch.tensor([0.0] + [ridge] * (stats["xx"].shape[-1] - 1), dtype=torch.float64))
+    A, b = stats["xx"] / n + pen, stats["xy"] / n
+    seen = stats["xx"][..., 0, 0] > 0
+    w = torch.zeros_like(b)
+    w[seen] = torch.linalg.solve(A[seen], b[seen])
+    return w.float()
+
+
+def collect_difference(pipe, cache, calib: Calibration, full: list[int], prompts, steps, seed=0, guidance=7.5,
+                       batch_size=4, progress=True, quant=None) -> torch.Tensor:
+    """Fit the guidance-difference norm model (:mod:`accel.transforms.forecast`) of ``cache`` (a ``-cfg`` forecast)
+    for the schedule ``full`` on closed-loop records: each batch of ``prompts`` runs the pipeline with the cache
+    (the model off; with ``quant``, the quantizer too: the records are of the model that will run) while its UNet
+    inputs are kept; then the same inputs are replayed on the model without the cache, which gives the true deep
+    feature at every call of the trajectory the cache produced (at full calls, what the cache kept). Returns ``W``."""
+    from ..api import apply
+
+    unet, _ = resolve(pipe)
+    boundary = cached_units(unet, cache.branch)[1].module
+    fc = cache.replace(schedule=list(full), interval=None, budget=None, difference=None)
+    batches, mine, _ = _shared_batches(len(prompts), batch_size)
+    partials = {}
+    for bi in tqdm(mine, desc=f"calibrate guidance difference ({len(full)} full)", disable=not progress):
+        inputs, F = [], []
+        hooks.attach(unet, _InputRecorder(inputs), REC_HOOK, root=unet)
+        try:
+            handle = apply(pipe, fc if quant is None else [quant, fc], calibration=calib)
+            try:
+                for _ in _run_batches(pipe, prompts, steps, seed, guidance, batches, [bi], "", False):
+                    pass
+            finally:
+                handle.remove()
+        finally:
+            hooks.detach(unet, REC_HOOK, root=unet)
+        hooks.attach(boundary, _Recorder(F), REC_HOOK, root=unet)
+        try:
+            handle = apply(pipe, quant, calibration=calib) if quant is not None else None
+            try:
+                with torch.no_grad():
+                    for args, kwargs in inputs:
+                        unet(*args, **kwargs)
+            finally:
+                if handle is not None:
+                    handle.remove()
+        finally:
+            hooks.detach(boundary, REC_HOOK, root=unet)
+        partials[bi] = {"d": _difference_stats(F, full)}
+    return fit_difference(_sum_in_batch_order(partials)["d"])

@@ -105,7 +105,8 @@ def refine_schedule(pipe, cache: FeatureCache, calib: Calibration, start: list[i
     def error_db(full):
         key = tuple(full)
         if key not in measured:
-            fc = cache.replace(schedule=list(full), interval=None, budget=None, threshold=None, max_cached=None)
+            fc = cache.replace(schedule=list(full), interval=None, budget=None, threshold=None, max_cached=None,
+                               difference=None)  # the schedule is refined without the difference model (issue #25)
             handle = apply(pipe, fc if quant is None else [quant, fc], calibration=calib)
             try:
                 d = latents() - base

@@ -43,11 +43,13 @@ class _ReuseHook(ModelHook):
             if self.boundary:
                 owner._keep(owner._features, feature_of(self.kept))
             return self.kept
-        if not self.boundary or (owner._sources < 2 and owner._correction is None):
+        if not self.boundary or (owner._sources < 2 and owner._correction is None and owner._dw is None):
             return self.kept
         h = owner._forecast(owner._features) if owner._sources > 1 else feature_of(self.kept)
         if owner._correction is not None:
             h = owner._correction(h)
+        if owner._dw is not None:
+            h = owner._rescale_difference(h)
         return with_feature(self.kept, h)
 
     def reset_state(self, module):
@@ -91,6 +93,11 @@ class FeatureCache(Transform):
         threshold: ``schedule="adaptive"`` without a calibration: a call is full when the probe's relative L1
             error exceeds this (e.g. 0.05-0.3).
         max_cached: ``schedule="adaptive"``: at most this many consecutive cached calls (MagCache's cap).
+        difference: with a ``-cfg`` forecast and ``schedule="calibrated"``, ``"calibrated"`` rescales the guidance
+            difference it keeps, per sample and channel, by the norm model ``accel calibrate`` fit for the schedule
+            (:func:`accel.transforms.forecast.rescale_difference`; issue #25: at DPM-Solver++ 25 the difference
+            changes 8-30% per call, so keeping it is the larger error); the halves' mean keeps the forecast. Without
+            guidance at run time it does nothing.
     """
 
     interval: int | None = None
@@ -102,6 +109,7 @@ class FeatureCache(Transform):
     trust: str | None = None
     threshold: float | None = None
     max_cached: int | None = None
+    difference: str | None = None
     order = 80
     requires_pipeline = True
 
@@ -133,6 +141,14 @@ class FeatureCache(Transform):
         if self.trust is not None and self.correction is not None:
             raise InputError("trust='skill' damps each sample's forecast at run time, which the calibrated correction "
                              "cannot model: use one of trust and correction")
+        if self.difference not in (None, "calibrated"):
+            raise InputError(f"difference {self.difference!r}: use None (keep the last full call's) or 'calibrated'")
+        if self.difference is not None and not self._cfg:
+            raise InputError("difference='calibrated' rescales the guidance difference a '-cfg' forecast keeps: give "
+                             "forecast='taylor1-cfg' (or 'taylor2-cfg')")
+        if self.difference is not None and self.schedule != "calibrated":
+            raise InputError("difference='calibrated' is fit per cached call of the calibrated schedule: give "
+                             "schedule='calibrated'")
         self._depth = self._order + 1 + (self.trust is not None)  # full calls kept (skill needs one more)
         if self.schedule == "adaptive":
             if self.threshold is not None and self.budget is not None:
@@ -179,8 +195,11 @@ class _CachedFeatures(Applied):
         self._w = torch.zeros(forecasting.ORDERS["taylor2"] + 1)  # forecast weights of this call (on the features' device)
         self._sources = 1
         self._dec_cache, self._threshold = {}, None
+        self._dtab, self._dw = None, None  # the difference model's W (calls, C, 3) and this call's row (device)
         if self.needs_calibration():
             self._calib = ctx.calibration.cache(self.branch, self.budget)
+        if self.difference is not None:
+            self._dtab = self._calib.dscale(forecast=self.prediction)
         if self.schedule == "adaptive":
             self._threshold = self.threshold if self.threshold is not None else \
                 self._calib.threshold(self.prediction, self.max_cached, self.correction)
@@ -267,11 +286,17 @@ class _CachedFeatures(Applied):
         """The call is decided: count it, and pick the correction of a cached call."""
         self._stats.count(self._full)
         self._run = 0 if self._full else self._run + 1
+        self._dw = None
         if self._full:
             self._correction = None
             self._idx = [t] + self._idx[: self._depth - 1]
         elif self.correction is None:
             self._correction = None
+            if self._split and self._dtab is not None:  # the row of W of this call, chosen on the host by call index
+                dev = self._features[0].device
+                if self._dtab.device != dev:  # once per device: no CPU tensor in a compiled or captured call
+                    self._dtab = self._dtab.to(dev)
+                self._dw = self._dtab[t]
         elif self._dec is not None:
             self._correction = self._dec.for_call(t)
         else:  # adaptive: the coefficients of this call for the full calls that happened
@@ -316,6 +341,13 @@ class _CachedFeatures(Applied):
             h = forecasting.cfg_mean_step(h, store[0])
         return h
 
+    def _rescale_difference(self, h):
+        """``h`` with its guidance difference rescaled by the norm model (:mod:`accel.transforms.forecast`) from the
+        kept features of the last two full calls; on the device, no sync."""
+        f = self._features
+        d_j, x = forecasting.difference_regressors(f[0], f[1] if len(f) > 1 else None)
+        return forecasting.rescale_difference(h, d_j, x, self._dw)
+
     def _after_call(self, clock):
         """After a full call replayed from CUDA graphs: what is kept for the next calls is copied out of the graph's
         memory pool, which the next replay of that graph overwrites (what torch's CUDA-graph trees ask of tensors
@@ -339,6 +371,7 @@ class _CachedFeatures(Applied):
         detach_all([module for module, _ in self._hooks.values()], self.hook_name, ctx.unet, ctx.clock)
         self._hooks = {}
         self._idx, self._features, self._probes, self._clock, self._pipe = [], [], [], None, None
+        self._dtab, self._dw = None, None
 
     def stats(self) -> dict:
         """Full and cached UNet calls since apply, in all and per pipeline call."""

@@ -105,3 +105,48 @@ def skill(f: torch.Tensor, kept: list[torch.Tensor], idx: list[int], order: int,
     err = (f - x).flatten(1).pow(2).sum(1)
     ref = (f - kept[0]).flatten(1).pow(2).sum(1).clamp_min(1e-30)
     return (1 - err / ref).clamp(0, 1).view(-1, *[1] * (f.dim() - 1)).to(f.dtype)
+
+
+# ----------------------------------------------------------------------------------- the guidance difference
+# Issue #25's norm model of the difference a ``-cfg`` forecast keeps. On a cached call ``t`` with last full call ``j``
+# and the full call ``p`` before it, the kept difference ``D_j`` (conditional half minus unconditional half of the
+# deep feature, per sample) is rescaled per sample and channel:
+#
+#     D_hat_t = D_j * exp(y),   y = W[t, c, :] . [1, log(|D_j| / |D_p|), log |D_j|]
+#
+# where ``|.|`` is the norm over spatial positions of one sample's channel. ``W`` (C x 3 per cached call) is fit by
+# ridge regression on closed-loop records (``accel calibrate``: the cache running on training prompts, the true deep
+# feature computed at each cached call), target ``log(|D_true_t| / |D_j|)``: the difference's *direction* is kept from
+# the last full call (least-squares channel mixing of it lost 2-3 dB closed loop), only its size per channel moves.
+# Before a second full call ``p`` there is no ratio: its regressor is 0 (so too in the fit).
+DIFFERENCE_REGRESSORS = 3  # [1, log(|D_j| / |D_p|), log |D_j|]
+NORM_FLOOR = 1e-12
+
+
+def guidance_difference(f: torch.Tensor) -> torch.Tensor:
+    """``cond - uncond`` of a guidance batch ``[uncond; cond]`` (``(2B, C, ...)`` -> ``(B, C, ...)``)."""
+    u, c = f.chunk(2)
+    return c - u
+
+
+def log_norms(d: torch.Tensor) -> torch.Tensor:
+    """``log |d|`` per sample and channel, the norm over the remaining (spatial) dims, in float32: ``(B, C)``."""
+    return d.float().flatten(2).norm(dim=-1).clamp_min(NORM_FLOOR).log()
+
+
+def difference_regressors(last: torch.Tensor, prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept difference ``D_j`` of ``last`` (the last full call's feature, ``(2B, C, ...)``) and the regressors
+    ``x = [1, log(|D_j| / |D_p|), log |D_j|]`` of the norm model, ``(B, C, 3)`` float32 (``prev`` None: ratio 0)."""
+    d_j = guidance_difference(last)
+    n_j = log_norms(d_j)
+    ratio = n_j - log_norms(guidance_difference(prev)) if prev is not None else torch.zeros_like(n_j)
+    return d_j, torch.stack([torch.ones_like(n_j), ratio, n_j], dim=-1)
+
+
+def rescale_difference(h: torch.Tensor, d_j: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``h`` (a ``-cfg`` forecast: its halves' difference is ``d_j``) with the difference rescaled to
+    ``D_hat = d_j * exp(x . w)`` (``w``: ``(C, 3)``, this call's row of ``W``) and the halves' mean unchanged:
+    ``uncond - (D_hat - d_j) / 2``, ``cond + (D_hat - d_j) / 2``. ``w = 0`` gives ``h`` itself."""
+    y = (x * w).sum(-1)  # (B, C)
+    step = d_j * torch.expm1(y).to(d_j.dtype).view(*y.shape, *[1] * (d_j.dim() - 2)) / 2
+    return h + torch.cat([-step, step])
