@@ -122,14 +122,12 @@ def evaluate(pipe, prompts: list[str], settings: GenerationSettings, clip="minia
     if judge_attributes is None:
         judge_attributes = scorer.spec.label == resolve_clip("miniature").label
     records = generate(pipe, prompts, settings, out_dir, progress)
-    attrs = None
-    if judge_attributes:
-        from accel.miniature import parse_caption
+    from accel.miniature import parse_caption
 
-        try:
-            attrs = {r["index"]: parse_caption(r["prompt"]) for r in records}
-        except ValueError:
-            attrs = None
+    try:  # miniature-world prompts: judged by its CLIP (judge_attributes) and by the pixel checker
+        attrs = {r["index"]: parse_caption(r["prompt"]) for r in records}
+    except ValueError:
+        attrs = None
     # score in the generation batches: their composition does not depend on the number of processes,
     # so neither do the (batched, floating-point) CLIP embeddings
     for b in sorted({r["batch"] for r in records}):
@@ -137,12 +135,18 @@ def evaluate(pipe, prompts: list[str], settings: GenerationSettings, clip="minia
         images = [r["image"] for r in group]
         for r, s in zip(group, scorer.score(images, [r["prompt"] for r in group]).tolist()):
             r["clip_score"] = s
-        if attrs is not None:
+        if attrs is not None and judge_attributes:
             from accel.eval.judge import judge
 
             verdict = judge(scorer, images, [attrs[r["index"]] for r in group])
             for r, ok in zip(group, verdict["per_image"]):
                 r["judged_correct"] = ok
+    if attrs is not None:  # the deterministic pixel checker (no CLIP): every attribute of the prompt
+        from accel.miniature import check
+
+        for r in records:
+            v = check.verdict(r["image"], attrs[r["index"]])
+            r["checker_right"], r["checker"] = v["all"], check.describe(v)
     records = gather([{k: v for k, v in r.items() if k != "image"} for r in records])
     mean, sem = mean_and_sem([r["clip_score"] for r in records])
     report = {
@@ -153,6 +157,8 @@ def evaluate(pipe, prompts: list[str], settings: GenerationSettings, clip="minia
     }
     if records and "judged_correct" in records[0]:
         report["judged_correct"] = sum(r["judged_correct"] for r in records) / len(records)
+    if records and "checker_right" in records[0]:
+        report["checker_right"] = sum(r["checker_right"] for r in records) / len(records)
     report["_latents"] = torch.stack([r["latents"] for r in records]) if records else None
     return report
 
@@ -194,6 +200,9 @@ def table(report: dict) -> str:
             ("CLIP score", f"{report['clip_score']:.3f} ± {report['clip_score_sem']:.3f} (sem)")]
     if "judged_correct" in report:
         rows.append(("shape+colour right", f"{100 * report['judged_correct']:.1f}%"))
+    if "checker_right" in report:
+        rows.append(("pixel checker right", f"{100 * report['checker_right']:.1f}% (shape, colour, size, position, "
+                                            "background)"))
     if report.get("unet_calls"):
         c = report["unet_calls"]
         rows.append(("UNet calls", f"{c['full']} full + {c['cached']} cached in {c['pipeline_calls']} pipeline calls "

@@ -105,7 +105,7 @@ def test_generate_writes_images(tmp_path):
     r = run_cli("generate", "--prompt", "a large red circle on the left, black background", "--num-images", "2",
                 "--steps", "5", "--out", str(tmp_path), "--recipe", "deepcache-i3")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.png", "00001.png", "report.json"]
-    assert "clip=" in r.stdout
+    assert "clip=" in r.stdout and "checker: " in r.stdout  # the pixel checker's verdict per image
 
 
 @pytest.mark.slow

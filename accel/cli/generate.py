@@ -34,6 +34,8 @@ def cmd_generate(args):
             line = f"{im['path']}  clip={im['clip_score']:.2f}"
             if "judged_correct" in im:
                 line += "  shape+colour " + ("right" if im["judged_correct"] else "wrong")
+            if "checker" in im:
+                line += f"  checker: {im['checker']}"
             print(f"{line}  {im['prompt']!r}")
         print(runner.table(report))
         print(f"images and report.json in {out}")

@@ -49,7 +49,7 @@ ATTRIBUTES = {
     "position": tuple(POSITIONS),
     "background": tuple(BACKGROUNDS),
 }
-SPLITS = {"train": 0, "heldout": 1}
+SPLITS = {"train": 0, "heldout": 1, "free": 2}
 DEFAULT_SIZE = 64
 _SUPERSAMPLE = 4
 
@@ -172,6 +172,44 @@ def sample(n: int, seed: int = 0, split: str = "train", size: int = DEFAULT_SIZE
     if n < 0:
         raise ValueError("n must be >= 0")
     it = stream(seed, split, size)
+    items = [next(it) for _ in range(n)]
+    images = torch.stack([i[0] for i in items]) if items else torch.empty(0, 3, size, size)
+    return images, [i[1] for i in items], [i[2] for i in items]
+
+
+def nearest_position(cx: float, cy: float) -> str:
+    """The grammar's position whose centre is nearest to ``(cx, cy)``."""
+    return min(POSITIONS, key=lambda n: (cx - POSITIONS[n][0]) ** 2 + (cy - POSITIONS[n][1]) ** 2)
+
+
+def nearest_size(radius: float) -> str:
+    """The grammar's size nearest to ``radius`` (in log radius)."""
+    return min(SIZES, key=lambda n: abs(np.log(radius / SIZES[n])))
+
+
+def free_stream(seed: int = 0, split: str = "free", size: int = DEFAULT_SIZE, spread: float = 0.3,
+                radius: tuple[float, float] = (0.12, 0.34), colour_jitter: float = 20.0,
+                background_jitter: float = 12.0) -> Iterator[tuple[torch.Tensor, str, Attributes]]:
+    """Images rendered *off* the grammar's grid, captioned as the grammar reads them: the centre uniform in
+    ``0.5 +- spread`` on each axis, the radius uniform in ``radius``, the shape's colour ``+- colour_jitter``
+    and the background's ``+- background_jitter`` per channel; the caption names the nearest position and size.
+    The ``"free"`` split is the independent set the miniature CLIP is measured on (free positions and sizes);
+    the CLIP's training augmentation draws the same kind of images from the ``"train"`` split."""
+    rng = _rng(seed, split)
+    while True:
+        a, _ = _draw_attributes(rng)
+        cx, cy = rng.uniform(0.5 - spread, 0.5 + spread, 2)
+        r = rng.uniform(*radius)
+        cj, bj = rng.uniform(-colour_jitter, colour_jitter, 3), rng.uniform(-background_jitter, background_jitter, 3)
+        a = Attributes(a.shape, a.colour, nearest_size(r), nearest_position(cx, cy), a.background)
+        px, py = POSITIONS[a.position]
+        jitter = np.concatenate([[cx - px, cy - py, r / SIZES[a.size] - 1], cj, bj])
+        yield render(a, size, jitter), a.caption(), a
+
+
+def free_sample(n: int, seed: int = 0, split: str = "free", size: int = DEFAULT_SIZE, **kwargs):
+    """The first ``n`` items of :func:`free_stream` as ``(images, captions, attributes)`` like :func:`sample`."""
+    it = free_stream(seed, split, size, **kwargs)
     items = [next(it) for _ in range(n)]
     images = torch.stack([i[0] for i in items]) if items else torch.empty(0, 3, size, size)
     return images, [i[1] for i in items], [i[2] for i in items]
